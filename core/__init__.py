@@ -1,0 +1,94 @@
+"""peft-core: parameter-efficient fine-tuning as a plugin framework.
+
+The core defines the hook contract (:mod:`peft_core.hookspecs`), the registry that finds method
+plugins through entry points, and :class:`AdaptedModel`. It imports no method: names such as
+``LoraConfig`` are resolved through the registry when first asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    MethodNotInstalledError,
+    PeftCoreError,
+    PluginContractError,
+    PluginError,
+    TargetError,
+)
+from .hookspecs import hookimpl
+from .model import AdaptedModel
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from .registry import get_registry
+from .runtime import BASE_ROW, AdapterRuntime
+from .spec import MethodSpec
+from .tasks import TaskType
+
+__version__ = "0.1.0"
+
+__all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
+    # the PEFT-compatible API
+    "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    # method configs, resolved through the registry (see __getattr__)
+    "LoraConfig", "PromptTuningConfig", "PrefixTuningConfig",
+    # the native API and the plugin contract
+    "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "get_registry",
+    # errors
+    "PeftCoreError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "MergeError",
+    "MethodNotInstalledError", "PluginError", "PluginContractError",
+]
+
+#: Config class names of well-known methods -> the method that provides them (for error messages).
+_KNOWN_CONFIGS = {"LoraConfig": "LORA", "PromptTuningConfig": "PROMPT_TUNING",
+                  "PrefixTuningConfig": "PREFIX_TUNING"}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a method's config class (``LoraConfig``...) through the installed plugins."""
+    if not name.endswith("Config") or name.startswith("_"):
+        raise AttributeError(f"module 'peft_core' has no attribute {name!r}")
+    registry = get_registry()
+    for spec, _ in registry.methods():
+        if spec.config_cls.__name__ == name:
+            return spec.config_cls
+    method = _KNOWN_CONFIGS.get(name)
+    if method is None:
+        raise AttributeError(f"module 'peft_core' has no attribute {name!r}, and no installed method plugin "
+                             "declares a config class of that name (see `peft-core list-methods`)")
+    registry.method(method)  # raises MethodNotInstalledError saying what to install
+    raise AttributeError(name)  # pragma: no cover - method() raised above
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

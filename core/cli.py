@@ -1,0 +1,69 @@
+"""``peft-core`` command line: ``list-methods`` (table or JSON) and ``--version``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import PluginError
+from .tasks import TaskType
+
+__all__ = ["main"]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def list_methods(as_json: bool, strict: bool) -> int:
+    from .registry import Registry
+
+    registry = Registry(strict=True if strict else None)
+    try:
+        rows = registry.describe()
+    except PluginError as e:
+        print(f"peft-core: {e}", file=sys.stderr)
+        return 1
+    broken = registry.broken()
+    if as_json:
+        payload = {"methods": rows,
+                   "broken": [{"plugin": b.name, "distribution": b.distribution, "version": b.version,
+                               "error": b.error, "hint": b.hint} for b in broken]}
+        print(json.dumps(payload, indent=2))
+        return 0
+    header = ["method", "distribution", "version", "mergeable", "task types", "summary"]
+    body = [[r["method"], r["distribution"], r["version"], "yes" if r["mergeable"] else "no",
+             "all" if len(r["task_types"]) == len(TaskType) else ",".join(r["task_types"]), r["summary"]]
+            for r in rows]
+    print(_table([header, *body]) if body else "no methods installed")
+    for b in broken:
+        print(f"\nbroken: {b.describe()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="peft-core", description="peft-core: PEFT methods as plugins")
+    parser.add_argument("--version", action="version", version=f"peft-core {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    lm = sub.add_parser("list-methods", help="list installed methods (and plugins that failed to load)")
+    lm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lm.add_argument("--strict", action="store_true", help="fail on the first broken plugin")
+    args = parser.parse_args(argv)
+    if args.command == "list-methods":
+        return list_methods(args.json, args.strict)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

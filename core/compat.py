@@ -1,0 +1,42 @@
+"""How peft-core's names map to Hugging Face PEFT's on disk — the one place that documents it.
+
+Files
+    ``adapter_config.json``   the config's ``to_dict()``: PEFT's field names, ``peft_type``, ``task_type``.
+    ``adapter_model.safetensors`` the adapter's tensors; ``adapter_model.bin`` is read (weights only).
+    ``<adapter name>/``        every adapter other than ``default`` (or the first saved) in a sub-folder.
+
+Tensor keys (adapter name stripped on disk, put back on load, for any adapter name)
+    in the model (peft-core)                         on disk (PEFT)
+    ``base_model.<p>.lora_A.<name>.weight``           ``base_model.model.<p>.lora_A.weight``
+    ``base_model.<p>.lora_embedding_A.<name>``        ``base_model.model.<p>.lora_embedding_A``
+    ``base_model.<p>.modules_to_save.<name>.<w>``     ``base_model.model.<p>.<w>``
+    ``adapter_modules.<name>.embedding.weight``       ``prompt_embeddings``  (prompt and prefix tuning)
+
+The method-specific rows are implemented by each method's plugin (``state_dict_filter`` /
+``state_dict_load``); the core implements the ``modules_to_save`` row and the prefixes below.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DISK_MODEL_PREFIX", "MODEL_PREFIX", "STORE_PREFIX", "disk_to_model_key", "model_to_disk_key"]
+
+#: Keys of the wrapped model inside an AdaptedModel's state dict.
+MODEL_PREFIX = "base_model."
+#: Keys of per-adapter modules that are not layers of the base model (``store`` in the hooks).
+STORE_PREFIX = "adapter_modules."
+#: What PEFT writes in front of a base-model path (its PeftModel.base_model.model nesting).
+DISK_MODEL_PREFIX = "base_model.model."
+
+
+def model_to_disk_key(key: str) -> str:
+    """``base_model.<path>`` -> ``base_model.model.<path>``."""
+    if not key.startswith(MODEL_PREFIX):
+        raise ValueError(f"{key!r} is not a key of the wrapped model")
+    return DISK_MODEL_PREFIX + key[len(MODEL_PREFIX):]
+
+
+def disk_to_model_key(key: str) -> str:
+    """``base_model.model.<path>`` -> ``base_model.<path>``; other keys come back unchanged."""
+    if key.startswith(DISK_MODEL_PREFIX):
+        return MODEL_PREFIX + key[len(DISK_MODEL_PREFIX):]
+    return key

@@ -1,0 +1,209 @@
+"""The base of every method's configuration: a frozen attrs class with a JSON round trip.
+
+A method plugin subclasses :class:`PeftConfig`, sets the class variable ``peft_type`` (the value
+Hugging Face PEFT writes in ``adapter_config.json``) and declares its fields with attrs. The core only
+ever reads the fields defined here; everything else belongs to the method.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from .errors import ConfigError
+from .tasks import TaskType
+
+__all__ = ["ANY", "CONFIG_NAME", "PeftConfig", "check", "to_str_tuple"]
+
+#: In ``peft_inert_fields``: any value is accepted (and ignored).
+ANY: Any = object()
+_OFF = (None, False, {}, [], ())
+
+CONFIG_NAME = "adapter_config.json"
+
+C = TypeVar("C", bound="PeftConfig")
+
+
+def check(kind: type | tuple[type, ...], *, optional: bool = False, low: float | None = None,
+          high: float | None = None, choices: Sequence[Any] | None = None,
+          fix: str = "") -> Callable[[Any, attrs.Attribute, Any], None]:
+    """An attrs validator that raises :class:`ConfigError` naming the field, the value and the fix.
+
+    ``bool`` is never accepted where a number is asked for (``r=True`` is a mistake, not ``r=1``).
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        name = f"{type(instance).__name__}.{attribute.name}"
+        if value is None:
+            if optional:
+                return
+            raise ConfigError(f"{name} is required (got None). {fix}".strip())
+        numeric = any(k in (int, float) for k in kinds) and bool not in kinds
+        if not isinstance(value, kinds) or (numeric and isinstance(value, bool)):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__}). {fix}".strip())
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}. {fix}".strip())
+        if low is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value!r}. {fix}".strip())
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be <= {high}, got {value!r}. {fix}".strip())
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)!r}, got {value!r}. {fix}".strip())
+
+    return validate
+
+
+def _to_task_type(value: Any) -> Any:
+    if value is None or isinstance(value, TaskType):
+        return value
+    try:
+        return TaskType(value)
+    except ValueError:
+        names = ", ".join(t.value for t in TaskType)
+        raise ConfigError(f"task_type={value!r} is not a task type; use one of {names}") from None
+
+
+def to_str_tuple(value: Any) -> Any:
+    """Converter for module-name lists: lists/sets become sorted-stable tuples, a str stays a str."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        if not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"expected a list of module names (str), got {value!r}")
+        # sets have no order; sort so equal configs serialize identically
+        return tuple(sorted(items)) if isinstance(value, (set, frozenset)) else tuple(items)
+    return value  # left for the field's validator to reject with its name
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class PeftConfig:
+    """Fields every adapter has. Subclasses add their method's own.
+
+    ``peft_type`` is a class variable: it names the method, and is what ``adapter_config.json``
+    stores to find the config class again (through the registry, since the core imports no method).
+    """
+
+    peft_type: ClassVar[str] = ""
+    #: Fields that Hugging Face PEFT writes for this method and that are accepted on load only at
+    #: these values (anything else asks for a feature the plugin lacks: a clear error, not a surprise).
+    peft_inert_fields: ClassVar[Mapping[str, Any]] = {}
+
+    task_type: TaskType | None = attrs.field(default=None, converter=_to_task_type)
+    inference_mode: bool = attrs.field(default=False, validator=check(bool))
+    base_model_name_or_path: str | None = attrs.field(default=None, validator=check(str, optional=True))
+    revision: str | None = attrs.field(default=None, validator=check(str, optional=True))
+    modules_to_save: tuple[str, ...] | None = attrs.field(
+        default=None, converter=to_str_tuple, validator=check(tuple, optional=True,
+                                                              fix="Give a list of module names."))
+    peft_version: str | None = attrs.field(default=None, eq=False, validator=check(str, optional=True))
+    auto_mapping: dict[str, Any] | None = attrs.field(default=None, eq=False,
+                                                      validator=check(dict, optional=True))
+
+    # ----------------------------------------------------------------- JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, with Hugging Face PEFT's field names."""
+        out: dict[str, Any] = {"peft_type": self.peft_type}
+        for f in attrs.fields(type(self)):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
+        """Build a config from a mapping; on :class:`PeftConfig` itself, the method is looked up.
+
+        Unknown fields (written by newer versions) are dropped with one warning naming them.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        target: type[PeftConfig] = cls
+        peft_type = data.get("peft_type")
+        if not cls.peft_type:
+            if not isinstance(peft_type, str):
+                raise ConfigError(f"{source}: field 'peft_type' is missing or not a string "
+                                  f"(got {peft_type!r}); it names the method, e.g. \"LORA\"")
+            from .registry import get_registry  # late: the registry imports this module
+
+            target = get_registry().config_class(peft_type)
+        elif peft_type is not None and peft_type != cls.peft_type:
+            raise ConfigError(f"{source}: peft_type is {peft_type!r} but {cls.__name__} is for "
+                              f"{cls.peft_type!r}; load it with PeftConfig.from_pretrained instead")
+        known = {f.name for f in attrs.fields(target)}
+        inert = target.peft_inert_fields
+        for key, expected in inert.items():
+            value = data.get(key, expected)
+            if expected is ANY or value == expected or (expected in _OFF and value in _OFF):
+                continue
+            raise ConfigError(f"{source}: {key}={value!r} asks for a feature of Hugging Face PEFT that the "
+                              f"{target.peft_type} plugin of peft-core does not implement; "
+                              f"only {key}={expected!r} is supported")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(k for k in data if k not in known and k not in inert and k != "peft_type")
+        if unknown:
+            warnings.warn(f"{source}: ignoring fields unknown to {target.__name__}: {', '.join(unknown)}",
+                          stacklevel=2)
+        try:
+            return target(**kwargs)  # type: ignore[return-value]
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:  # a converter or attrs itself
+            raise ConfigError(f"{source}: {e}") from None
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (configs are frozen: the user's object is never mutated)."""
+        return attrs.evolve(self, **changes)
+
+    # ----------------------------------------------------------------- files
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        from .serialization import atomic_write_bytes
+
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / CONFIG_NAME, self.to_json_string().encode())
+
+    @classmethod
+    def from_json_file(cls: type[C], path: str | Path) -> C:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              "the file is truncated or not an adapter_config.json") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_pretrained(cls: type[C], model_id: str | Path, subfolder: str | None = None,
+                        revision: str | None = None, **hub_kwargs: Any) -> C:
+        """Read ``adapter_config.json`` from a local folder or a Hub repo id."""
+        from .serialization import resolve_file
+
+        path = resolve_file(model_id, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
+        if path is None:
+            raise ConfigError(f"no {CONFIG_NAME} found in {model_id!s}"
+                              + (f" (subfolder {subfolder!r})" if subfolder else ""))
+        return cls.from_json_file(path)

@@ -1,0 +1,248 @@
+"""The hook contract between peft-core and method plugins — the documentation of record.
+
+A *method plugin* is any object (a module, a class instance) with functions named like the hooks
+below, marked with :data:`hookimpl`, and published in the ``peft_core.methods`` entry-point group::
+
+    # pyproject.toml of a plugin distribution
+    [project.entry-points."peft_core.methods"]
+    my_method = "my_package.plugin:plugin"
+
+How the core calls them
+-----------------------
+``declare_methods`` is called once per plugin when it is registered. Every other hook concerns *one
+adapter*, and the core calls it only on the plugin that declared that adapter's method: the call goes
+through ``PluginManager.subset_hook_caller`` with every *other* method plugin removed (cached per
+plugin). Plugins that declare no method ("extensions") stay in every call, so they can wrap a method's
+hooks with ``@hookimpl(wrapper=True)`` — for instance to teach LoRA a quantized layer type::
+
+    class QuantizedLoraSupport:
+        @hookimpl(wrapper=True)
+        def inject(self, model, adapter_name, config, runtime, store):
+            swap_quantized_layers_for_plain_views(model)
+            return (yield)
+
+Hooks other than ``declare_methods`` are ``firstresult``: the owning plugin's answer is the answer.
+A hook that returns ``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and
+``state_dict_load`` that is an error; ``merge``/``unmerge`` are only called for mergeable methods;
+``prepare_inputs`` and ``remove`` are optional.
+
+Shared arguments
+----------------
+- ``model``: the user's base ``torch.nn.Module`` (adapted in place; never copied).
+- ``adapter_name``: the adapter the call is about (``"default"`` unless the user named it).
+- ``config``: that adapter's config, an instance of the method's ``config_cls``.
+- ``runtime``: the :class:`~peft_core.runtime.AdapterRuntime` of the wrapping model; layers keep a
+  reference and read ``runtime.active`` / ``runtime.disabled`` / ``runtime.routing()`` at forward time.
+- ``store``: an ``nn.ModuleDict`` owned by the wrapping model, for modules that are not layers of the
+  base model (prompt embeddings, say). Put them under ``store[adapter_name]``.
+
+State-dict namespace
+--------------------
+``state_dict_filter`` receives, and ``state_dict_load`` returns, keys in the wrapping model's
+namespace: ``base_model.<path in the user's model>`` and ``adapter_modules.<adapter>.<...>`` for the
+store (see :mod:`peft_core.compat`). Keys on disk are Hugging Face PEFT's.
+
+If a hook raises during ``inject``, the core restores the model to how it was before the call and
+re-raises as :class:`~peft_core.errors.PluginError` naming the plugin and its distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .config import PeftConfig
+    from .runtime import AdapterRuntime
+    from .spec import MethodSpec
+
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
+
+PROJECT = "peft_core"
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Mark a plugin's hook functions with this (``from peft_core import hookimpl``).
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def declare_methods() -> Sequence[MethodSpec]:
+    """Declare the method(s) this plugin provides.
+
+    When: once, as the registry registers the plugin (at entry-point discovery, or
+    ``registry.register(...)`` in tests). Not firstresult: the registry calls each plugin on its own.
+
+    Returns: a sequence of :class:`~peft_core.MethodSpec`. A plugin that returns an empty sequence (or
+    does not implement this hook) is an *extension*: it may wrap other plugins' hooks but owns no method.
+    Two distributions declaring the same ``name`` is an error naming both.
+
+    Example::
+
+        @hookimpl
+        def declare_methods():
+            return [MethodSpec(name="IA3", config_cls=IA3Config, task_types=list(TaskType),
+                               mergeable=True, summary="learned rescaling vectors")]
+    """
+
+
+@hookspec(firstresult=True)
+def inject(model: nn.Module, adapter_name: str, config: PeftConfig, runtime: AdapterRuntime,
+           store: nn.ModuleDict) -> Sequence[str] | None:
+    """Add adapter ``adapter_name`` to ``model``, in place.
+
+    When: ``get_peft_model`` and ``add_adapter`` / ``load_adapter``, after the core has checked that the
+    method supports ``config.task_type`` and that the name is free. The core handles
+    ``config.modules_to_save`` itself and decides ``requires_grad`` of the parameters the call created
+    (trainable unless ``config.inference_mode``), so plugins create parameters and nothing more. Works on
+    the ``meta`` device: create parameters like the weights they sit beside, touch no data.
+
+    Returns (firstresult): the names of the modules adapted, for messages and reports (may be empty for
+    methods that change inputs rather than layers, e.g. prompt tuning). Raise
+    :class:`~peft_core.errors.TargetError` when targets match nothing or have an unsupported type.
+
+    Example::
+
+        @hookimpl
+        def inject(model, adapter_name, config, runtime):
+            names = [n for n, m in model.named_modules() if n.endswith(config.target)]
+            for n in names:
+                model.get_submodule(n).register_parameter(f"scale_{adapter_name}", ...)
+            return names
+    """
+
+
+@hookspec(firstresult=True)
+def state_dict_filter(model: nn.Module, adapter_name: str, config: PeftConfig, store: nn.ModuleDict,
+                      state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Select this adapter's tensors from the wrapping model's state dict, renamed to disk keys.
+
+    When: ``save_pretrained`` and ``get_peft_model_state_dict``. ``state_dict`` is the wrapping model's
+    (keys ``base_model.<path>`` and ``adapter_modules.<...>``; tensors share storage with the model).
+
+    Returns (firstresult): ``{disk_key: tensor}`` with Hugging Face PEFT's key names, adapter name
+    stripped (``base_model.model.<path>.lora_A.weight``, ``prompt_embeddings``). The core adds the
+    ``modules_to_save`` keys and writes the file.
+
+    Example::
+
+        @hookimpl
+        def state_dict_filter(adapter_name, state_dict):
+            tag = f".ia3_l.{adapter_name}"
+            return {k.replace("base_model.", "base_model.model.", 1).replace(tag, ".ia3_l"): v
+                    for k, v in state_dict.items() if tag in k}
+    """
+
+
+@hookspec(firstresult=True)
+def state_dict_load(model: nn.Module, adapter_name: str, config: PeftConfig, store: nn.ModuleDict,
+                    state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Translate an adapter file's tensors (disk keys) to keys of the wrapping model — the inverse of
+    ``state_dict_filter``.
+
+    When: loading an adapter, after ``inject`` created its (freshly initialised) parameters.
+    ``state_dict`` holds the file's tensors minus the ``modules_to_save`` keys the core handles.
+
+    Returns (firstresult): ``{model_key: tensor}``. The core then checks, before copying anything, that
+    every key exists and every shape matches (an error lists the first offenders and the count), and
+    copies the values in without changing the parameters' dtype or device. A disk key the method does
+    not recognise should be passed through unchanged so the core reports it as unexpected.
+
+    Example::
+
+        @hookimpl
+        def state_dict_load(adapter_name, state_dict):
+            return {k.replace("base_model.model.", "base_model.", 1).replace(".ia3_l", f".ia3_l.{adapter_name}"): v
+                    for k, v in state_dict.items()}
+    """
+
+
+@hookspec(firstresult=True)
+def merge(model: nn.Module, adapter_name: str, config: PeftConfig, safe: bool) -> bool | None:
+    """Fold adapter ``adapter_name`` into the base weights, in place and reversibly.
+
+    When: ``merge_adapter``, ``merge_and_unload``; only for methods declared ``mergeable``. The core
+    tracks which adapters are merged and never merges one twice. With ``safe=True`` the method computes
+    the merged weights first and raises :class:`~peft_core.errors.MergeError` (model unchanged) if any
+    is NaN or Inf. Keep what is needed to make ``unmerge`` restore the weights bit for bit.
+
+    Returns (firstresult): True.
+
+    Example::
+
+        @hookimpl
+        def merge(model, adapter_name, safe):
+            for layer in my_layers(model):
+                layer.merge(adapter_name, safe=safe)
+            return True
+    """
+
+
+@hookspec(firstresult=True)
+def unmerge(model: nn.Module, adapter_name: str, config: PeftConfig) -> bool | None:
+    """Undo ``merge`` of ``adapter_name``, restoring the base weights exactly.
+
+    When: ``unmerge_adapter``, entering ``disable_adapter()`` with merged adapters, ``set_adapter``
+    away from a merged adapter. Only called for adapters the core merged.
+
+    Returns (firstresult): True.
+
+    Example::
+
+        @hookimpl
+        def unmerge(model, adapter_name):
+            for layer in my_layers(model):
+                layer.unmerge(adapter_name)
+            return True
+    """
+
+
+@hookspec(firstresult=True)
+def remove(model: nn.Module, adapter_name: str, config: PeftConfig, store: nn.ModuleDict) -> bool | None:
+    """Take adapter ``adapter_name`` out of the model, putting the original modules back where no other
+    adapter remains.
+
+    When: ``delete_adapter`` and ``unload`` (the core unmerges first), and ``merge_and_unload`` (the core
+    merges first: the merged weights must stay in the base layers; only the restore data is dropped).
+    The core drops ``store[adapter_name]`` itself afterwards.
+
+    Returns (firstresult): True. Not implementing it makes ``delete_adapter`` and ``unload`` raise for
+    this method.
+
+    Example::
+
+        @hookimpl
+        def remove(model, adapter_name):
+            for name, layer in my_layers(model):
+                layer.drop(adapter_name)
+                if not layer.adapters:
+                    model.set_submodule(name, layer.base_layer)
+            return True
+    """
+
+
+@hookspec(firstresult=True)
+def prepare_inputs(model: nn.Module, adapter_name: str, config: PeftConfig, store: nn.ModuleDict,
+                   inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Rewrite the keyword inputs of the base model's forward for an active adapter.
+
+    When: just before every forward of the base model while ``adapter_name`` is active and adapters are
+    not disabled — direct calls and each step of ``generate()`` alike (the core installs a forward
+    pre-hook). Positional arguments have already been bound to their names. With several active
+    adapters the calls are chained in activation order.
+
+    Returns (firstresult): the new inputs dict (for example with ``inputs_embeds`` prefixed by
+    virtual tokens, ``attention_mask`` extended and ``labels`` padded with -100), or None to leave
+    the inputs as they are.
+
+    Example::
+
+        @hookimpl
+        def prepare_inputs(model, adapter_name, store, inputs):
+            embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+            prompt = store[adapter_name].weight.expand(embeds.shape[0], -1, -1)
+            return {**inputs, "inputs_embeds": torch.cat([prompt, embeds], dim=1)}
+    """

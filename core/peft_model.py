@@ -1,0 +1,107 @@
+"""Hugging Face PEFT's public model classes, as thin task-specific faces of :class:`AdaptedModel`.
+
+The task classes differ only in which task heads they train and save (``modules_to_save``); prompts,
+prefixes and LoRA all reach the forward through hooks, so one forward and one ``generate`` serve every
+task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .config import PeftConfig
+from .model import AdaptedModel
+from .tasks import TaskType
+
+__all__ = [
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+]
+
+
+class PeftModel(AdaptedModel):
+    """``PeftModel.from_pretrained(model, id)`` picks the task class from the saved ``task_type``."""
+
+    #: Module names trained and saved with every adapter of this task (the task head).
+    task_heads: ClassVar[tuple[str, ...]] = ()
+
+    def _prepare_config(self, config: PeftConfig) -> PeftConfig:
+        config = super()._prepare_config(config)
+        if self.task_heads:
+            current = tuple(config.modules_to_save or ())
+            extra = tuple(h for h in self.task_heads if h not in current)
+            if extra:  # a copy: the user's config object is never mutated
+                config = config.replace(modules_to_save=current + extra)
+        return config
+
+    @classmethod
+    def _class_for(cls, config: PeftConfig) -> type[AdaptedModel]:
+        if cls is PeftModel and config.task_type is not None:
+            return TASK_MODELS.get(config.task_type, PeftModel)
+        return cls
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models: ``labels`` for the loss, ``generate`` for text."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models: ``labels`` for the loss, ``generate`` for text."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    task_heads = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    task_heads = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    task_heads = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings (no head)."""
+
+
+TASK_MODELS: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` (in place) with a new adapter; the class follows ``peft_config.task_type``."""
+    if revision is not None and peft_config.revision is None:
+        peft_config = peft_config.replace(revision=revision)
+    cls = PeftModel._class_for(peft_config)
+    return cls(model, peft_config, adapter_name)  # type: ignore[return-value]
+
+
+def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None,
+                              adapter_name: str = "default") -> dict[str, Any]:
+    """The adapter's tensors keyed as Hugging Face PEFT writes them."""
+    return model.get_adapter_state_dict(adapter_name)
+
+
+def set_peft_model_state_dict(model: AdaptedModel, peft_model_state_dict: dict[str, Any],
+                              adapter_name: str = "default") -> None:
+    """Load PEFT-keyed tensors into an existing adapter (all checked before anything is copied)."""
+    model.load_adapter_state_dict(adapter_name, peft_model_state_dict)

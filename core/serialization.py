@@ -1,0 +1,152 @@
+"""Reading and writing adapter files: atomic writes, safe loads, local-or-Hub resolution.
+
+Nothing here unpickles: ``.safetensors`` is read with safetensors, and a legacy ``adapter_model.bin``
+only through ``torch.load(weights_only=True)``, which refuses any pickle that would run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = [
+    "SAFETENSORS_NAME",
+    "WEIGHTS_NAME",
+    "atomic_write_bytes",
+    "load_weights",
+    "resolve_file",
+    "serialize_safetensors",
+]
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+_TMP_PREFIX = ".peft-core-tmp-"
+
+
+def _write_chunks(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    chunk = 1 << 22
+    for start in range(0, len(view), chunk):
+        os.write(fd, view[start:start + chunk])
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and replace the target
+    with one ``os.replace``. On any error the temporary file is removed and the target is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+    try:
+        try:
+            _write_chunks(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path) -> Iterator[dict[str, bytes]]:
+    """Collect several files' bytes, then write them all atomically once the block succeeds.
+
+    Every file is fully written to its temporary name before the first one replaces its target, so
+    a failure while writing leaves every previous file as it was.
+    """
+    files: dict[str, bytes] = {}
+    yield files
+    folder.mkdir(parents=True, exist_ok=True)
+    tmps: list[tuple[str, Path]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
+            tmps.append((tmp, folder / name))
+            try:
+                _write_chunks(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, target in tmps:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    # safetensors wants contiguous, unshared CPU tensors; clones of small adapter tensors are cheap.
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return save(plain, metadata=dict(metadata or {"format": "pt"}))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load an adapter weights file (safetensors, or a weights-only ``.bin``) onto the CPU."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            data = path.read_bytes()
+            return load(data)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e}); it is truncated or corrupt. "
+                                  "Download or save it again.") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a pickle that would run code, and anything torch raises
+        raise CheckpointError(f"{path}: refused to load: only plain tensors are accepted from .bin files "
+                              f"(torch.load weights_only=True said: {str(e).splitlines()[0][:300]}). "
+                              "Convert it to safetensors from a trusted environment.") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, got {type(obj).__name__}")
+    return obj
+
+
+def resolve_file(model_id: str | Path, filename: str, *, subfolder: str | None = None,
+                 revision: str | None = None, **hub_kwargs: Any) -> Path | None:
+    """Path of ``filename`` in a local folder, or downloaded from the Hub repo ``model_id``.
+
+    Returns None when the folder or repo exists but lacks the file. Hub downloads go through
+    ``huggingface_hub.hf_hub_download``, so its cache, tokens and ``HF_HUB_OFFLINE`` apply.
+    """
+    local = Path(model_id)
+    if local.is_dir():
+        candidate = local / subfolder / filename if subfolder else local / filename
+        return candidate if candidate.is_file() else None
+    if isinstance(model_id, Path) or str(model_id).startswith((".", "/")) or str(model_id).count("/") > 1:
+        raise CheckpointError(f"{model_id!s} is not a folder (and not a Hub repo id 'owner/name')")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    kwargs = {k: v for k, v in hub_kwargs.items()
+              if k in {"cache_dir", "force_download", "token", "local_files_only", "proxies"}}
+    try:
+        return Path(hf_hub_download(str(model_id), filename, subfolder=subfolder, revision=revision,
+                                    **kwargs))
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"{model_id}: not a local folder, and {filename} is not in the Hub cache "
+                              f"while offline or unreachable ({e}). Pass a local folder, or go online.") from None
+    except Exception as e:
+        raise CheckpointError(f"{model_id}: not a local folder, and the Hub could not provide {filename}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -1,0 +1,117 @@
+"""LoraConfig: Hugging Face PEFT's LoRA fields, with their meanings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+from peft_core.config import ANY, PeftConfig, check, to_str_tuple
+from peft_core.errors import ConfigError
+
+__all__ = ["LoraConfig"]
+
+
+def _patterns(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"rank_pattern/alpha_pattern must be a mapping of module-name patterns to values, "
+                          f"got {value!r}")
+    return dict(value)
+
+
+def _pattern_values(kind: type) -> Any:
+    def validate(instance: Any, attribute: attrs.Attribute, value: dict[str, Any]) -> None:
+        for key, v in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"LoraConfig.{attribute.name}: keys must be non-empty module-name "
+                                  f"patterns, got {key!r}")
+            if isinstance(v, bool) or not isinstance(v, kind) or v <= 0 or v > 1_000_000:
+                raise ConfigError(f"LoraConfig.{attribute.name}[{key!r}] must be a positive "
+                                  f"{kind.__name__ if isinstance(kind, type) else 'number'}, got {v!r}")
+    return validate
+
+
+def _layers(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in items):
+        raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of indices "
+                          f"(int >= 0), got {value!r}")
+
+
+def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or isinstance(value, tuple):
+        return
+    if isinstance(value, str):
+        if value == "all-linear":
+            return
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(f"LoraConfig.{attribute.name}={value!r} is not a valid regular expression "
+                              f"({e}); give a list of module names, or a valid regex") from None
+        return
+    raise ConfigError(f"LoraConfig.{attribute.name} must be a list of module names, a regex string, "
+                      f"'all-linear' or None, got {value!r}")
+
+
+def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (value is True or value is False or value == "gaussian"):
+        raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {value!r} "
+                          "(other PEFT initialisations are not supported by this plugin)")
+
+
+@attrs.frozen(kw_only=True)
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation: ``W x + (alpha / r) * B A x`` on the targeted layers."""
+
+    peft_type: ClassVar[str] = "LORA"
+    #: Fields Hugging Face PEFT writes that this plugin accepts only at these (inert) values.
+    peft_inert_fields: ClassVar[Mapping[str, Any]] = {
+        "use_dora": False, "lora_bias": False, "use_qalora": False, "layer_replication": None,
+        "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
+        "arrow_config": None, "megatron_config": None, "target_parameters": None,
+        "trainable_token_indices": None, "ensure_weight_tying": False, "lora_ga_config": None,
+        "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "velora_config": None,
+        "megatron_core": ANY, "qalora_group_size": ANY,
+    }
+
+    r: int = attrs.field(default=8, validator=check(int, low=1, high=1_000_000,
+                                                   fix="r is the adapter rank, e.g. 8."))
+    target_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
+                                                                validator=_target_ok)
+    exclude_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
+                                                                 validator=_target_ok)
+    lora_alpha: int | float = attrs.field(default=8, validator=check((int, float), low=0))
+    lora_dropout: float = attrs.field(default=0.0, converter=lambda v: float(v) if isinstance(v, int)
+                                      and not isinstance(v, bool) else v,
+                                      validator=check(float, low=0.0, high=0.999999))
+    fan_in_fan_out: bool = attrs.field(default=False, validator=check(bool))
+    bias: str = attrs.field(default="none", validator=check(str, choices=("none", "all", "lora_only")))
+    use_rslora: bool = attrs.field(default=False, validator=check(bool))
+    init_lora_weights: bool | str = attrs.field(default=True, validator=_init_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
+                                                                     validator=_layers_ok)
+    layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
+                                                               validator=check((str, tuple), optional=True))
+    rank_pattern: dict[str, int] = attrs.field(factory=dict, converter=_patterns,
+                                               validator=_pattern_values(int))
+    alpha_pattern: dict[str, int | float] = attrs.field(factory=dict, converter=_patterns,
+                                                        validator=_pattern_values((int, float)))  # type: ignore[arg-type]
+
+    def __attrs_post_init__(self) -> None:
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern only has a meaning with layers_to_transform; "
+                              "set layers_to_transform too, or drop layers_pattern")

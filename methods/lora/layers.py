@@ -1,0 +1,314 @@
+"""LoRA layers: each wraps one base layer (kept as ``base_layer``) and holds any number of adapters.
+
+Parameter names follow Hugging Face PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``),
+so ``named_parameters()`` reads the same to a PEFT user. Layers read the model's
+:class:`~peft_core.AdapterRuntime` at forward time; activating or disabling adapters never walks them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft_core.errors import MergeError, TargetError
+from peft_core.runtime import AdapterRuntime, Routing
+from torch import nn
+
+from .exact import fold, unfold
+from .functional import lora_linear
+
+__all__ = ["LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "make_layer", "supported_base"]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def supported_base(module: nn.Module) -> str | None:
+    """The kind of layer LoRA can adapt ("linear", "conv1d", "embedding", "conv2d"), or None."""
+    if isinstance(module, LoraLayer):
+        return supported_base(module.base_layer)
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision models get fp32 adapters, for the optimizer's sake; the maths still runs in the
+    # activation dtype (see functional.py).
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraLayer(nn.Module):
+    """Common state and merge bookkeeping of every LoRA layer."""
+
+    def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._runtime = runtime
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self._restore: dict[str, Any] = {}  # merged adapter -> what unmerge needs for an exact restore
+
+    # ---- subclass interface
+    def _create(self, name: str, r: int, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def _delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's update in the base weight's layout and dtype-agnostic fp32."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads layer.weight keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    # ---- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout_p[name] = dropout
+        self._create(name, r, init)
+
+    def drop(self, name: str) -> None:
+        self._restore.pop(name, None)
+        for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p):
+            d.pop(name, None)
+        self._delete(name)
+
+    def _live(self) -> list[str]:
+        """Active adapters this layer holds and has not merged."""
+        rt = self._runtime
+        if rt.disabled:
+            return []
+        return [n for n in rt.active if n in self.r and n not in self._restore]
+
+    # ---- merging
+    def merge(self, name: str, safe: bool) -> None:
+        if name not in self.r or name in self._restore:
+            return
+        weight = self.base_layer.weight
+        if weight.is_meta:
+            raise MergeError("cannot merge on the meta device: load real weights first")
+        delta = self.delta_weight(name)
+        with torch.no_grad():
+            self._restore[name] = fold(weight, delta, safe=safe, where=name)
+
+    def unmerge(self, name: str) -> None:
+        token = self._restore.pop(name, None)
+        if token is not None:
+            with torch.no_grad():
+                unfold(self.base_layer.weight, token)
+
+    def forget_merge(self, name: str) -> None:
+        """Keep the merged weights; drop the restore data (merge_and_unload)."""
+        self._restore.pop(name, None)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, merged={list(self._restore)}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored in x out)."""
+
+    def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
+        super().__init__(base_layer, runtime)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.transposed = supported_base(base_layer) == "conv1d"
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+
+    def _create(self, name: str, r: int, init: bool | str) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        a = nn.Linear(self.in_features, r, bias=False, **kw)
+        b = nn.Linear(r, self.out_features, bias=False, **kw)
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init == "gaussian":
+            nn.init.normal_(a.weight, std=1 / r)
+            nn.init.zeros_(b.weight)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+
+    def _delete(self, name: str) -> None:
+        del self.lora_A[name]
+        del self.lora_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.t() if self.transposed else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self._runtime.routing()
+        if routing is not None and not self._runtime.disabled:
+            return self._mixed(x, routing, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        names = self._live()
+        if not names:
+            return result
+        training = self.training
+        for name in names:
+            p = self.dropout_p[name] if training else 0.0
+            result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name], p)
+        return result
+
+    def _mixed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through its own adapter, with one batched matmul pair for all adapters."""
+        from .mixed import mixed_linear
+
+        return mixed_linear(self, x, routing, self.base_layer(x, *args, **kwargs))
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: ``lora_embedding_A`` (r x vocab) and ``lora_embedding_B`` (dim x r)."""
+
+    def __init__(self, base_layer: nn.Embedding, runtime: AdapterRuntime) -> None:
+        super().__init__(base_layer, runtime)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int, init: bool | str) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        a = nn.Parameter(torch.empty(r, w.shape[0], **kw))
+        b = nn.Parameter(torch.empty(w.shape[1], r, **kw))
+        if init is False:
+            nn.init.normal_(a)
+            nn.init.normal_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+            nn.init.zeros_(b)
+        else:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        self.lora_embedding_A[name] = a
+        self.lora_embedding_B[name] = b
+
+    def _delete(self, name: str) -> None:
+        del self.lora_embedding_A[name]
+        del self.lora_embedding_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return (b @ a).t() * self.scaling[name]
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def _one(self, ids: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        a = self.lora_embedding_A[name]
+        b = self.lora_embedding_B[name]
+        after_a = self._embed(ids, a.t())
+        return (after_a @ b.t()).to(dtype) * self.scaling[name]
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
+        routing = self._runtime.routing()
+        if routing is not None and not self._runtime.disabled:
+            out = result.clone()
+            for name in dict.fromkeys(routing.names):
+                if name not in self.r:
+                    continue
+                rows = [i for i, n in enumerate(routing.names) if n == name]
+                out[rows] = out[rows] + self._one(ids[rows], name, result.dtype)
+            return out
+        for name in self._live():
+            result = result + self._one(ids, name, result.dtype)
+        return result
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Conv2d, runtime: AdapterRuntime) -> None:
+        if base_layer.groups != 1:
+            raise TargetError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
+        super().__init__(base_layer, runtime)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int, init: bool | str) -> None:
+        base = self.base_layer
+        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight)}
+        a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                      bias=False, **kw)
+        b = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw)
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init == "gaussian":
+            nn.init.normal_(a.weight, std=1 / r)
+            nn.init.zeros_(b.weight)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+
+    def _delete(self, name: str) -> None:
+        del self.lora_A[name]
+        del self.lora_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        if a.shape[2:] == (1, 1):
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        return delta * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        training = self.training
+        for name in self._live():
+            a, b = self.lora_A[name], self.lora_B[name]
+            p = self.dropout_p[name] if training else 0.0
+            xin = F.dropout(x, p, True) if p > 0 else x
+            result = result + b(a(xin.to(a.weight.dtype))).to(result.dtype) * self.scaling[name]
+        return result
+
+
+def make_layer(module: nn.Module, path: str, runtime: AdapterRuntime) -> LoraLayer:
+    kind = supported_base(module)
+    if kind in ("linear", "conv1d"):
+        return LoraLinear(module, runtime)
+    if kind == "embedding":
+        return LoraEmbedding(module, runtime)  # type: ignore[arg-type]
+    if kind == "conv2d":
+        return LoraConv2d(module, runtime)  # type: ignore[arg-type]
+    raise TargetError(f"module {path!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA "
+                      "cannot adapt; supported: torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, "
+                      "torch.nn.Conv2d. Target its linear sub-layers instead")

@@ -1,0 +1,139 @@
+"""The LoRA method plugin: the hook implementations that connect LoRA layers to peft-core."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from peft_core import MethodSpec, TaskType, hookimpl
+from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.errors import MergeError
+from peft_core.runtime import AdapterRuntime
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, make_layer, supported_base
+from .operations import add_weighted_adapter
+from .targeting import find_targets, rank_and_alpha
+
+__all__ = ["LoraPlugin", "plugin"]
+
+_PARAM = re.compile(r"\.(lora_A|lora_B)\.([^.]+)\.weight$")
+_EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
+_DISK_PARAM = re.compile(r"\.(lora_A|lora_B)\.weight$")
+_DISK_EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)$")
+
+
+def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
+
+
+class LoraPlugin:
+    """LoRA (Hu et al., 2021) on Linear, Conv1D, Embedding and Conv2d layers."""
+
+    @hookimpl
+    def declare_methods(self) -> list[MethodSpec]:
+        return [MethodSpec(name="LORA", config_cls=LoraConfig, task_types=list(TaskType), mergeable=True,
+                           summary="Low-rank adaptation: trains A (r x in) and B (out x r) beside frozen layers",
+                           operations={"add_weighted_adapter": add_weighted_adapter})]
+
+    @hookimpl
+    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+               runtime: AdapterRuntime) -> list[str]:
+        targets = find_targets(model, config)
+        # check every target before changing anything: a bad one leaves the model untouched
+        modules = {}
+        for path in targets:
+            module = model.get_submodule(path)
+            if supported_base(module) is None:
+                make_layer(module, path, runtime)  # raises TargetError naming the module and its type
+            modules[path] = module
+        for path, module in modules.items():
+            layer = module if isinstance(module, LoraLayer) else make_layer(module, path, runtime)
+            r, alpha = rank_and_alpha(config, path)
+            layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+            if layer is not module:
+                model.set_submodule(path, layer)
+        if config.bias != "none" and not config.inference_mode:
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and ".lora_" not in name and (
+                        config.bias == "all" or any(name == f"{t}.base_layer.bias" for t in targets)):
+                    param.requires_grad_(True)
+        return targets
+
+    @hookimpl
+    def state_dict_filter(self, adapter_name: str, config: LoraConfig,
+                          state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        lora_paths = set()
+        for key, value in state_dict.items():
+            if not key.startswith(MODEL_PREFIX):
+                continue
+            m = _PARAM.search(key) or _EMB.search(key)
+            if m is None:
+                continue
+            if m.group(2) != adapter_name:
+                continue
+            stem = key[: m.start()]
+            lora_paths.add(stem)
+            suffix = f".{m.group(1)}.weight" if m.re is _PARAM else f".{m.group(1)}"
+            out[model_to_disk_key(stem + suffix)] = value
+        if config.bias != "none":
+            for key, value in state_dict.items():
+                if not key.startswith(MODEL_PREFIX) or not key.endswith("bias") or ".lora_" in key:
+                    continue
+                if ".modules_to_save." in key or ".original_module." in key:
+                    continue
+                if config.bias == "all" or key[: -len(".base_layer.bias")] in lora_paths:
+                    out[model_to_disk_key(key)] = value
+        return out
+
+    @hookimpl
+    def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state_dict.items():
+            model_key = disk_to_model_key(key)
+            if key.startswith(DISK_MODEL_PREFIX):
+                m = _DISK_PARAM.search(model_key)
+                if m is not None:
+                    model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}.weight"
+                else:
+                    m = _DISK_EMB.search(model_key)
+                    if m is not None:
+                        model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}"
+            out[model_key] = value
+        return out
+
+    @hookimpl
+    def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
+        layers = _layers(model, adapter_name)
+        if safe:  # check everything before folding anything
+            for path, layer in layers:
+                w = layer.base_layer.weight
+                if not torch.isfinite(w.detach().float() + layer.delta_weight(adapter_name).to(w.device)).all():
+                    raise MergeError(f"safe_merge: adapter {adapter_name!r} would put NaN/Inf into {path}; "
+                                     "the model was not changed")
+        for _, layer in layers:
+            layer.merge(adapter_name, safe=False)
+        return True
+
+    @hookimpl
+    def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
+        for _, layer in _layers(model, adapter_name):
+            layer.unmerge(adapter_name)
+        return True
+
+    @hookimpl
+    def remove(self, model: nn.Module, adapter_name: str) -> bool:
+        for path, layer in _layers(model, adapter_name):
+            layer.forget_merge(adapter_name)
+            layer.drop(adapter_name)
+            if not layer.r:
+                model.set_submodule(path, layer.base_layer)
+        return True
+
+
+
+
+plugin = LoraPlugin()

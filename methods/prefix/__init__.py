@@ -1,0 +1,1 @@
+"""peft_prefix: prefix tuning for peft-core (work in progress)."""

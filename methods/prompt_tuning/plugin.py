@@ -1,0 +1,3 @@
+"""Placeholder until the prompt-tuning plugin lands: declares no method."""
+
+plugin = object()

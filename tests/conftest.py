@@ -1,0 +1,125 @@
+"""Tiny models built from configs (no downloads) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+SST2 = os.path.abspath(os.path.join(SHARED, "data", "sst2"))
+
+
+def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return fn().eval()
+    return build
+
+
+@_seeded
+def tiny_llama() -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=128, pad_token_id=0))
+
+
+@_seeded
+def tiny_llama_cls() -> nn.Module:
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    return AutoModelForSequenceClassification.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=128, pad_token_id=0, num_labels=2))
+
+
+@_seeded
+def tiny_gpt2() -> nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                       n_positions=128))
+
+
+@_seeded
+def tiny_t5() -> nn.Module:
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    return AutoModelForSeq2SeqLM.from_config(T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=128,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+@_seeded
+def tiny_bert_cls() -> nn.Module:
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    return AutoModelForSequenceClassification.from_config(BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        max_position_embeddings=128, num_labels=2))
+
+
+@_seeded
+def tiny_opt() -> nn.Module:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    return AutoModelForCausalLM.from_config(OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1))
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5, "bert": tiny_bert_cls, "opt": tiny_opt}
+
+
+def model_inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 128, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if name == "t5":
+        inputs["decoder_input_ids"] = torch.randint(2, 128, (batch, 5), generator=g)
+    return inputs
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def module_tree(model: nn.Module) -> list[tuple[str, str]]:
+    return [(n, type(m).__name__) for n, m in model.named_modules()]
+
+
+def copy_adapter_weights(src_peft: nn.Module, dst_core: nn.Module, adapter: str = "default") -> int:
+    """Copy every adapter tensor from a Hugging Face peft model into ours, through the file format."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(src_peft, adapter_name=adapter)
+    dst_core.load_adapter_state_dict(adapter, {k: v.clone() for k, v in sd.items()})
+    return len(sd)
+
+
+@pytest.fixture
+def fresh_registry():
+    """A registry rebuilt from entry points, restored to a fresh one after the test."""
+    from peft_core.registry import reset_registry
+
+    reg = reset_registry()
+    yield reg
+    reset_registry()
+
+
+__all__ = ["MODELS", "SST2", "clone_state", "copy", "copy_adapter_weights", "model_inputs", "module_tree",
+           "state_equal"]
