@@ -69,6 +69,7 @@ class AdaptedModel(nn.Module):
         self._adapter_params: dict[str, list[str]] = {}
         self._merged: list[str] = []
         self._input_hook: Any = None
+        self.train(model.training)  # the wrapper starts in the mode the user's model is in
         if peft_config is not None:
             self.add_adapter(adapter_name, peft_config)
             self.set_adapter(adapter_name)
