@@ -51,6 +51,8 @@ from .tasks import TaskType
 
 __version__ = "0.1.0"
 
+# Method config classes (LoraConfig, ...) are not listed: they come from whichever method plugins are
+# installed, through __getattr__ below, so ``from peft_core import *`` never fails on a missing plugin.
 __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     # the PEFT-compatible API
     "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_peft_model_state_dict",
@@ -60,8 +62,6 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
-    # method configs, resolved through the registry (see __getattr__)
-    "LoraConfig", "PromptTuningConfig", "PrefixTuningConfig",
     # the native API and the plugin contract
     "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "get_registry",
     # errors
@@ -91,4 +91,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | {spec.config_cls.__name__ for spec, _ in get_registry().methods()})

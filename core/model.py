@@ -34,6 +34,7 @@ from .serialization import (
     staged_files,
 )
 from .snapshot import ModuleSnapshot
+from .spec import MethodSpec
 
 __all__ = ["AdaptedModel"]
 
@@ -142,9 +143,10 @@ class AdaptedModel(nn.Module):
             supported = ", ".join(sorted(t.value for t in spec.task_types))
             raise ConfigError(f"{spec.name} does not support task_type={peft_config.task_type.value}; "
                               f"it supports {supported}")
-        config = self._prepare_config(peft_config)
+        config = self._complete_config(adapter_name, self._prepare_config(peft_config), spec)
         snapshot = ModuleSnapshot(self)
         before = {id(p) for p in self.parameters()}
+        modules_before = {id(m) for m in self.modules()}
         self._freeze_base()
         self.peft_config[adapter_name] = config
         try:
@@ -161,8 +163,31 @@ class AdaptedModel(nn.Module):
             snapshot.restore()
             del self.peft_config[adapter_name]
             raise
+        self._match_training_mode(modules_before)
         self._adapter_params[adapter_name] = [n for n, p in self.named_parameters() if id(p) not in before]
         self._update_trainable(adapter_name)
+
+    def _match_training_mode(self, known: set[int]) -> None:
+        """Modules a plugin just created start in the train/eval mode of where they were put (a new
+        layer in an eval-mode model must not run its dropout)."""
+        mode = {"": self.training}
+        for path, module in self.named_modules(remove_duplicate=False):
+            if path:
+                parent = mode[path.rpartition(".")[0]]
+                if id(module) not in known:
+                    module.training = parent
+                mode[path] = module.training
+
+    def _complete_config(self, adapter_name: str, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
+        """Let the method fill the fields that depend on the model (hook ``complete_config``)."""
+        done = self._registry.call(spec.name, "complete_config", model=self.base_model,
+                                   adapter_name=adapter_name, config=config)
+        if done is None:
+            return config
+        if not isinstance(done, spec.config_cls):
+            raise PluginContractError(f"complete_config of {spec.name} returned {type(done).__name__}; the hook "
+                                      f"contract expects a {spec.config_cls.__name__} or None")
+        return done
 
     def _freeze_base(self) -> None:
         """Only adapters train: every parameter no adapter created is frozen (plugins may then unfreeze
@@ -397,11 +422,12 @@ class AdaptedModel(nn.Module):
     def _mts_keys(self, adapter_name: str) -> dict[str, str]:
         """modules_to_save: model key -> disk key, for ``adapter_name``."""
         out = {}
+        disk_prefix = self._spec(adapter_name).disk_model_prefix  # PEFT nests prompt methods differently
         for path, module in self.base_model.named_modules():
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 for pname, _ in module.modules_to_save[adapter_name].named_parameters():
                     model_key = f"{compat.MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{pname}"
-                    out[model_key] = f"{compat.DISK_MODEL_PREFIX}{path}.{pname}"
+                    out[model_key] = f"{disk_prefix}{path}.{pname}"
         return out
 
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -442,6 +468,26 @@ class AdaptedModel(nn.Module):
             with staged_files(folder) as files:
                 files[SAFETENSORS_NAME if safe_serialization else WEIGHTS_NAME] = data
                 files[CONFIG_NAME] = config.to_json_string().encode()
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload adapter with peft-core", revision: str | None = None,
+                    selected_adapters: Sequence[str] | None = None, api: Any = None) -> Any:
+        """Save the adapter(s) to a temporary folder and upload it with huggingface_hub's API.
+
+        ``api`` is an ``huggingface_hub.HfApi`` (one is made with ``token`` when omitted); the upload
+        is exactly the folder ``save_pretrained`` writes.
+        """
+        import tempfile
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="peft-core-push-") as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision)
 
     def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str = "default",
                      is_trainable: bool = False, config: PeftConfig | None = None,

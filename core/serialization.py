@@ -142,11 +142,12 @@ def resolve_file(model_id: str | Path, filename: str, *, subfolder: str | None =
     try:
         return Path(hf_hub_download(str(model_id), filename, subfolder=subfolder, revision=revision,
                                     **kwargs))
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError in recent huggingface_hub
+        raise CheckpointError(f"{model_id}: not a local folder, and {filename} is not in the Hub cache "
+                              f"while offline or unreachable ({str(e).splitlines()[0]}). Pass a local folder, "
+                              "or go online.") from None
     except EntryNotFoundError:
         return None
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{model_id}: not a local folder, and {filename} is not in the Hub cache "
-                              f"while offline or unreachable ({e}). Pass a local folder, or go online.") from None
     except Exception as e:
         raise CheckpointError(f"{model_id}: not a local folder, and the Hub could not provide {filename}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
