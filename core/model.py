@@ -54,6 +54,42 @@ def _first(items: Sequence[str], n: int = 5) -> str:
     return f"{shown} (and {len(items) - n} more)" if len(items) > n else shown
 
 
+class _BoundForward:
+    """``model.forward`` of an AdaptedModel: calls ``_forward`` but *shows* the base model's signature
+    (plus ``adapter_names``), so tools that inspect it — the transformers Trainer choosing which dataset
+    columns to keep, say — see ``input_ids``, ``labels``... instead of ``*args, **kwargs``."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: AdaptedModel) -> None:
+        self._model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model._forward(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return _signature_with_routing(type(self._model.base_model))
+
+
+class _ForwardWithBaseSignature:
+    def __get__(self, obj: AdaptedModel | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return AdaptedModel._forward
+        return _BoundForward(obj)
+
+
+@functools.lru_cache(maxsize=64)
+def _signature_with_routing(cls: type) -> inspect.Signature:
+    params = [p for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
+    routing = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params.insert(len(params) - 1, routing)
+    else:
+        params.append(routing)
+    return inspect.Signature(params)
+
+
 class AdaptedModel(nn.Module):
     """Wraps ``model`` (in place, never copied) and manages its adapters.
 
@@ -394,9 +430,11 @@ class AdaptedModel(nn.Module):
         with self._runtime.route(adapter_names):
             yield
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routed(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    forward = _ForwardWithBaseSignature()
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routed(adapter_names):
