@@ -24,7 +24,7 @@ hooks with ``@hookimpl(wrapper=True)`` — for instance to teach LoRA a quantize
 Hooks other than ``declare_methods`` are ``firstresult``: the owning plugin's answer is the answer.
 A hook that returns ``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and
 ``state_dict_load`` that is an error; ``merge``/``unmerge`` are only called for mergeable methods;
-``prepare_inputs`` and ``remove`` are optional.
+``complete_config``, ``prepare_inputs`` and ``remove`` are optional.
 
 Shared arguments
 ----------------
@@ -86,6 +86,31 @@ def declare_methods() -> Sequence[MethodSpec]:
         def declare_methods():
             return [MethodSpec(name="IA3", config_cls=IA3Config, task_types=list(TaskType),
                                mergeable=True, summary="learned rescaling vectors")]
+    """
+
+
+@hookspec(firstresult=True)
+def complete_config(model: nn.Module, adapter_name: str, config: PeftConfig) -> PeftConfig | None:
+    """Fill the fields of ``config`` that depend on the model (layer count, hidden size...).
+
+    When: ``get_peft_model``, ``add_adapter`` and ``load_adapter``, before ``inject``, after the core
+    has filled what it knows itself (``base_model_name_or_path``, the task heads in
+    ``modules_to_save``). Configs are frozen, so the plugin returns a completed copy
+    (``config.replace(...)``), and that copy is what the core stores, passes to every later hook and
+    writes to ``adapter_config.json``. The model must not be changed here. A config read from a file
+    is usually complete already.
+
+    Returns (firstresult): the completed config, an instance of the method's ``config_cls``; or None
+    to keep ``config`` as it is. Raise :class:`~peft_core.errors.ConfigError` when a field cannot be
+    derived from the model, naming the field to set.
+
+    Example::
+
+        @hookimpl
+        def complete_config(model, config):
+            if config.num_layers is None:
+                return config.replace(num_layers=model.config.num_hidden_layers)
+            return None
     """
 
 
@@ -186,7 +211,9 @@ def unmerge(model: nn.Module, adapter_name: str, config: PeftConfig) -> bool | N
     """Undo ``merge`` of ``adapter_name``, restoring the base weights exactly.
 
     When: ``unmerge_adapter``, entering ``disable_adapter()`` with merged adapters, ``set_adapter``
-    away from a merged adapter. Only called for adapters the core merged.
+    away from a merged adapter, ``delete_adapter`` of a merged adapter. Only called for adapters the
+    core merged, and always newest merge first (to unmerge an older adapter the core unmerges the newer
+    ones, then merges them again), so restoring saved bits is exact.
 
     Returns (firstresult): True.
 

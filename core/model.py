@@ -321,8 +321,15 @@ class AdaptedModel(nn.Module):
         self._merged.append(adapter_name)
 
     def _unmerge_one(self, adapter_name: str) -> None:
+        """Unmerge one adapter. Merges are undone newest first — a method may restore weights exactly
+        only in that order — so adapters merged after this one are unmerged and merged again."""
+        later = self._merged[self._merged.index(adapter_name) + 1:]
+        for name in reversed(later):
+            self._call(name, "unmerge")
         self._call(adapter_name, "unmerge")
         self._merged.remove(adapter_name)
+        for name in later:
+            self._call(name, "merge", safe=False)
 
     @property
     def merged_adapters(self) -> list[str]:

@@ -140,7 +140,8 @@ class Registry:
         broken = BrokenPlugin(name=name, distribution=dist, version=version, error=_first_line(exc),
                               hint=hint)
         if self.strict:
-            raise PluginError(broken.describe() + f" (strict mode: unset {STRICT_ENV} to skip it)") from exc
+            raise PluginError(broken.describe() + f" (strict mode, from {STRICT_ENV}=1 or --strict: without "
+                              "it the plugin would be reported and skipped)") from exc
         self._broken.append(broken)
 
     # ------------------------------------------------------------------ registration

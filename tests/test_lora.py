@@ -286,3 +286,21 @@ def test_meta_device_injection():
 def test_registry_owns_lora():
     assert get_registry().owner("LORA").name == "lora"
     assert isinstance(PeftModel, type)
+
+
+def test_deleting_an_older_merged_adapter_keeps_the_newer_one_exact():
+    base = tiny_llama()
+    weights = clone_state(base)
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    x = model_inputs("llama")
+    model.set_adapter("b")
+    only_b = model(**x).logits
+    model.set_adapter(["default", "b"])
+    model.merge_adapter()
+    assert model.merged_adapters == ["default", "b"]
+    model.delete_adapter("default")
+    assert model.merged_adapters == ["b"]
+    assert (model(**x).logits - only_b).abs().max() <= 1e-5
+    model.unmerge_adapter()
+    assert state_equal(weights, clone_state(model.unload()))
