@@ -486,26 +486,37 @@ class AdaptedModel(nn.Module):
         result = dict(result)
         for model_key, disk_key in self._mts_keys(adapter_name).items():
             result[disk_key] = full[model_key]
-        return result
+        # FSDP2 (fully_shard) keeps each rank's shard as a DTensor; a file needs whole tensors. Gathering is
+        # a collective, so under FSDP every rank must call this (save_pretrained does, on every rank).
+        return {k: v.full_tensor() if callable(getattr(v, "full_tensor", None)) else v for k, v in result.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
-                        selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
+                        selected_adapters: Sequence[str] | None = None, is_main_process: bool | None = None,
                         **_: Any) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format).
 
         ``default`` goes to ``save_directory``, every other adapter to ``save_directory/<name>``. Each
         folder's files are replaced atomically: an interrupted save leaves the previous files intact.
+
+        ``is_main_process=None`` means rank 0 when a ``torch.distributed`` process group is initialized,
+        else True: every rank of a DDP/accelerate/FSDP job may call this, and only one writes. Adapter
+        weights sharded by FSDP2 are gathered first, on every rank (see docs/distributed.md).
         """
+        if is_main_process is None:
+            is_main_process = not _distributed() or torch.distributed.get_rank() == 0
+        names = list(self.peft_config) if selected_adapters is None else self._require(selected_adapters)
+        # Every rank reads the adapter tensors (cheap: views of the live parameters) so that FSDP2 shards
+        # can be gathered, which takes all ranks; only the main process serializes and writes.
+        gathered = {name: self.get_adapter_state_dict(name) for name in names}
         if not is_main_process:
             return
         root = Path(save_directory)
         if root.exists() and not root.is_dir():
             raise CheckpointError(f"{root} exists and is not a folder")
-        names = list(self.peft_config) if selected_adapters is None else self._require(selected_adapters)
         payloads = []
         for name in names:  # build every payload before touching the disk
             config = self.peft_config[name].replace(inference_mode=True)
-            tensors = self.get_adapter_state_dict(name)
+            tensors = gathered[name]
             data = (serialize_safetensors(tensors) if safe_serialization else _torch_bytes(tensors))
             payloads.append((name, config, data))
         for name, config, data in payloads:
@@ -630,6 +641,11 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
+
+
+def _distributed() -> bool:
+    """Whether this process is one rank of an initialized torch.distributed job."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _torch_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
