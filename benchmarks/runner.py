@@ -1,0 +1,142 @@
+"""``python -m benchmarks``: run the benchmarks, print the table, write RESULTS.md (and optionally JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from .common import FULL, QUICK, REPO, Context, Row, git_state, machine_summary, set_threads, versions
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "B1": ("b1_training:run_b1", "LoRA training step vs PEFT, the frozen floor and full fine-tuning"),
+    "B2": ("b1_training:run_b2", "saved activations and peak RSS of the training step (bf16)"),
+    "B3": ("b3_inference:run_b3", "unmerged single-adapter inference: prefill and KV-cache decode"),
+    "B4": ("b4_mixed:run_b4", "mixed-adapter batches (adapter_names=...)"),
+    "B5": ("b5_setup:run_b5", "get_peft_model on a 70B meta skeleton, adapter loading, set_adapter"),
+    "B6": ("b6_merge:run_b6", "bf16 merge/unmerge round trips"),
+    "B7": ("b7_prompt:run_b7", "prompt tuning and prefix tuning training steps"),
+    "B8": ("b8_real:run_b8", "all-MiniLM-L6-v2 + LoRA on SST-2, one epoch"),
+}
+
+
+def _load(spec: str) -> Callable[..., None]:
+    import importlib
+
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{mod}"), fn)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="every benchmark once at tiny sizes (CI); no timing "
+                    "conclusions")
+    ap.add_argument("--only", default="", help="comma-separated benchmark ids, e.g. B1,B3")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 7 full, 1 quick)")
+    ap.add_argument("--out", default=None, help="markdown report path (default: benchmarks/RESULTS.md for full "
+                    "runs; none for --quick)")
+    ap.add_argument("--json", default=None, help="also write every row, check and raw sample here")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    scale = QUICK if args.quick else FULL
+    rounds = args.rounds if args.rounds is not None else scale.rounds
+    if rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    selected = [b.strip().upper() for b in args.only.split(",") if b.strip()] or list(BENCHES)
+    unknown = [b for b in selected if b not in BENCHES]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHES)}")
+    out = args.out if args.out is not None else (None if args.quick else os.path.join(REPO, "benchmarks",
+                                                                                      "RESULTS.md"))
+    set_threads(scale.threads)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    ctx = Context(scale=scale, log=log)
+    log(f"peft-core benchmarks: {', '.join(selected)} ({scale.name} sizes, {rounds} rounds, {scale.threads} threads)")
+    loads = [loadavg()]
+    for bench in selected:
+        loads.append(loadavg())
+        spec, title = BENCHES[bench]
+        ctx.bench = bench
+        log(f"{bench}: {title}")
+        t0 = time.perf_counter()
+        with ctx.case("(benchmark)"):
+            _load(spec)(ctx, rounds if bench != "B8" else scale.b8_rounds)
+        ctx.extra.setdefault("seconds", {})[bench] = time.perf_counter() - t0
+    elapsed = time.perf_counter() - start
+    loads.append(loadavg())
+
+    from .report import markdown, now, text_table
+
+    print(text_table(ctx.rows))
+    failed_checks = [c for c in ctx.checks if not c.ok]
+    failed_rows = [r for r in ctx.rows if r.status == "FAILED"]
+    missed = [r for r in ctx.rows if r.status == "missed"]
+    print(f"\n{len(ctx.checks) - len(failed_checks)}/{len(ctx.checks)} agreement checks passed; "
+          f"{sum(r.status == 'met' for r in ctx.rows)} targets met, {len(missed)} missed; "
+          f"{len(failed_rows)} failed cases; {elapsed:.0f} s")
+    cmd = "python -m benchmarks" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(
+        argv if argv is not None else sys.argv[1:]))
+    meta = {"date": now(), "command": cmd, "scale": scale.name, "rounds": rounds, "elapsed": elapsed,
+            "machine": machine_summary(), "versions": versions(), "git": git_state(),
+            "threads": scale.threads, "sizes": sizes(scale),
+            "load": f"1-minute load average {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, at most "
+                    f"{max(loads):.2f} between benchmarks ({os.cpu_count()} cores)"}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(markdown(ctx.rows, ctx.checks, meta))
+        log(f"wrote {out}")
+    if args.json:
+        data = {"meta": meta, "benches": selected,
+                "rows": [_row_dict(r) for r in ctx.rows],
+                "checks": [dataclasses.asdict(c) for c in ctx.checks],
+                "extra": _jsonable(ctx.extra)}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    return 1 if failed_checks or failed_rows else 0
+
+
+def loadavg() -> float:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def sizes(scale: object) -> str:
+    s = scale
+    return (f"B1-B4/B6/B7 llama from config: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
+            f"{s.heads} heads ({s.kv_heads} kv), vocab {s.vocab}; B1/B2/B3/B7 batch {s.batch} x seq {s.seq}; "
+            f"LoRA all-linear r=16 alpha 32 (B5 set_adapter: r=8); B4 batch {s.mixed_batch} x seq {s.mixed_seq} "
+            f"with {max(s.mixed_counts)} adapters loaded; decode timings average {s.decode_calls} calls; "
+            f"B5 skeleton {s.skeleton_layers} layers of llama-70B shape; B6 {s.merge_cycles} cycles; "
+            f"B7 {s.virtual_tokens} virtual tokens; B8 {s.sst2_train_rows} SST-2 rows, batch {s.sst2_batch}, "
+            f"{s.b8_rounds} round(s).")  # type: ignore[attr-defined]
+
+
+def _row_dict(r: Row) -> dict[str, object]:
+    d = dataclasses.asdict(r)
+    d["target"] = r.target.text if r.target is not None else None
+    return d
+
+
+def _jsonable(x: object) -> object:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return repr(x)
