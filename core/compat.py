@@ -9,8 +9,11 @@ Tensor keys (adapter name stripped on disk, put back on load, for any adapter na
     in the model (peft-core)                         on disk (PEFT)
     ``base_model.<p>.lora_A.<name>.weight``           ``base_model.model.<p>.lora_A.weight``
     ``base_model.<p>.lora_embedding_A.<name>``        ``base_model.model.<p>.lora_embedding_A``
-    ``base_model.<p>.modules_to_save.<name>.<w>``     ``base_model.model.<p>.<w>``
-    ``adapter_modules.<name>.embedding.weight``       ``prompt_embeddings``  (prompt and prefix tuning)
+    ``base_model.<p>.modules_to_save.<name>.<w>``     ``base_model.model.<p>.<w>``  (LoRA and other tuners)
+    ``base_model.<p>.modules_to_save.<name>.<w>``     ``base_model.<p>.<w>``  (prompt and prefix tuning:
+                                                     ``MethodSpec.disk_model_prefix``)
+    ``adapter_modules.<name>.embedding.weight``       ``prompt_embeddings``  (prompt and prefix tuning; with
+                                                     ``prefix_projection`` the file holds the projected prefix)
 
 The method-specific rows are implemented by each method's plugin (``state_dict_filter`` /
 ``state_dict_load``); the core implements the ``modules_to_save`` row and the prefixes below.

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from .compat import DISK_MODEL_PREFIX
 from .config import PeftConfig
 from .tasks import TaskType
 
@@ -54,6 +55,10 @@ class MethodSpec:
     - ``summary``: one line for ``peft-core list-methods``.
     - ``operations``: extra model methods the method offers (``add_weighted_adapter``, say); each is
       called as ``fn(model, *args, **kwargs)`` when a user calls ``model.<name>(...)``.
+    - ``disk_model_prefix``: what Hugging Face PEFT writes in front of base-model paths in this
+      method's files; the core uses it for the ``modules_to_save`` keys. ``"base_model.model."`` (the
+      default) for methods PEFT runs through a tuner model (LoRA); ``"base_model."`` for prompt-learning
+      methods (prompt and prefix tuning), whose PEFT model holds the transformers model directly.
     """
 
     name: str = attrs.field(validator=_name_ok)
@@ -62,3 +67,5 @@ class MethodSpec:
     mergeable: bool = attrs.field(validator=attrs.validators.instance_of(bool))
     summary: str = attrs.field(validator=attrs.validators.instance_of(str))
     operations: Mapping[str, Callable[..., Any]] = attrs.field(factory=dict, converter=_freeze_ops)
+    disk_model_prefix: str = attrs.field(default=DISK_MODEL_PREFIX, validator=attrs.validators.in_(
+        ("base_model.model.", "base_model.")))
