@@ -123,3 +123,51 @@ def fresh_registry():
 
 __all__ = ["MODELS", "SST2", "clone_state", "copy", "copy_adapter_weights", "model_inputs", "module_tree",
            "state_equal"]
+
+
+# ---------------------------------------------------------------- prompt learning (prompt/prefix tuning) helpers
+@_seeded
+def tiny_gpt2_lively() -> nn.Module:
+    """tiny_gpt2 with a larger init: the default one greedily repeats its last token whatever the prompt,
+    which would make generation tests pass vacuously."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                       n_positions=128, initializer_range=0.5))
+
+
+@_seeded
+def tiny_t5_lively() -> nn.Module:
+    """tiny_t5 with a larger init, for the same reason as tiny_gpt2_lively."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    return AutoModelForSeq2SeqLM.from_config(T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=128,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=5.0))
+
+
+def greedy_by_forward(model: nn.Module, inputs: dict[str, torch.Tensor], steps: int,
+                      seq2seq: bool = False) -> torch.Tensor:
+    """Greedy decoding with one full forward per token (no KV cache): the reference for ``generate()``.
+
+    Returns the new tokens only (batch, steps). Rows must not be padded.
+    """
+    inputs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    start = getattr(model.config, "decoder_start_token_id", 0) or 0
+    batch = inputs["input_ids"].shape[0]
+    new = torch.empty(batch, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(steps):
+            if seq2seq:
+                dec = torch.cat([torch.full((batch, 1), start, dtype=torch.long), new], dim=1)
+                logits = model(**inputs, decoder_input_ids=dec).logits
+            else:
+                ids = torch.cat([inputs["input_ids"], new], dim=1)
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return new
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.detach().float() - b.detach().float()).abs().max().item()
