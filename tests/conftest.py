@@ -171,3 +171,39 @@ def greedy_by_forward(model: nn.Module, inputs: dict[str, torch.Tensor], steps: 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+#: Two rows of different lengths, for padded-batch tests.
+PAD_ROWS = [[5, 6, 7, 8, 9], [11, 12, 13]]
+
+
+def padded_rows(side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAD_ROWS as one batch padded on ``side`` ("left" or "right"): (input_ids, attention_mask)."""
+    width = max(map(len, PAD_ROWS))
+    ids = torch.full((len(PAD_ROWS), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(PAD_ROWS):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def assert_same_tokens(got: torch.Tensor, expected: torch.Tensor, eos: int | None) -> None:
+    """Row by row up to the first end-of-sequence token (generate stops there, greedy_by_forward does not)."""
+    for g, e in zip(got.tolist(), expected.tolist()):
+        stop = e.index(eos) + 1 if eos is not None and eos in e else len(e)
+        assert g[:stop] == e[:stop]
+
+
+def assert_same_config_json(ours: dict, theirs: dict) -> None:
+    """Same adapter_config.json fields and values, but for peft_version; PEFT lists the task heads of
+    modules_to_save twice for prompt methods, so that field is compared as a set."""
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if key == "peft_version":
+            continue
+        if key == "modules_to_save" and ours[key] is not None:
+            assert set(ours[key]) == set(theirs[key])
+        else:
+            assert ours[key] == theirs[key], key

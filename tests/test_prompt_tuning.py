@@ -10,17 +10,20 @@ PEFT's model, and with PEFT's ``generate(use_cache=False)``.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import peft
 import pytest
 import torch
 from conftest import (
+    PAD_ROWS,
+    assert_same_config_json,
+    assert_same_tokens,
     clone_state,
     greedy_by_forward,
     max_diff,
     model_inputs,
+    padded_rows,
     state_equal,
     tiny_bert_cls,
     tiny_gpt2_lively,
@@ -46,6 +49,8 @@ CASES = {
     "llama": (tiny_llama, "CAUSAL_LM", "llama"),
     "gpt2": (tiny_gpt2_lively, "CAUSAL_LM", "gpt2"),
     "t5": (tiny_t5_lively, "SEQ_2_SEQ_LM", "t5"),
+    # its lively twin's activations are so large that padding alone moves the base model's logits by 4e-3
+    "t5_plain": (tiny_t5, "SEQ_2_SEQ_LM", "t5"),
     "bert_cls": (tiny_bert_cls, "SEQ_CLS", "bert"),
     "llama_cls": (tiny_llama_cls, "SEQ_CLS", "llama"),
 }
@@ -65,7 +70,7 @@ def inputs_for(name: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- forward
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if n != "t5_plain"])
 def test_logits_match_peft(name):
     ref, ours = pair(name)
     x = inputs_for(name)
@@ -103,13 +108,6 @@ def test_token_type_ids_and_position_ids():
 
 
 # ---------------------------------------------------------------- generation
-def _assert_same_tokens(got: torch.Tensor, expected: torch.Tensor, eos: int | None) -> None:
-    """Row by row up to the first end-of-sequence token (generate stops there, the reference does not)."""
-    for g, e in zip(got.tolist(), expected.tolist()):
-        stop = e.index(eos) + 1 if eos is not None and eos in e else len(e)
-        assert g[:stop] == e[:stop]
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_greedy_generate_matches_peft(name):
     ref, ours = pair(name)
@@ -121,7 +119,7 @@ def test_greedy_generate_matches_peft(name):
     got = ours.generate(**x, max_new_tokens=steps, do_sample=False)
     got = got[:, 1:] if seq2seq else got[:, x["input_ids"].shape[1]:]
     eos = ours.base_model.generation_config.eos_token_id
-    _assert_same_tokens(got, expected, eos)
+    assert_same_tokens(got, expected, eos)
     peft_uncached = ref.generate(**x, max_new_tokens=steps, do_sample=False, use_cache=False)
     assert torch.equal(ours.generate(**x, max_new_tokens=steps, do_sample=False, use_cache=False), peft_uncached)
     if seq2seq:  # PEFT's cached path works for encoder-decoder prompt tuning: compare with it as well
@@ -147,28 +145,14 @@ def test_sampling_generate_cached_equals_uncached(name):
 
 
 # ---------------------------------------------------------------- padding
-ROWS = [[5, 6, 7, 8, 9], [11, 12, 13]]
-
-
-def _padded(side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ROWS))
-    ids = torch.full((len(ROWS), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(ROWS):
-        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        ids[i, cols] = torch.tensor(row)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "bert_cls"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5_plain", "bert_cls"])
 def test_right_padded_batch_equals_rows_alone(name):
     _, ours = pair(name)
-    ids, mask = _padded("right")
-    extra = {"decoder_input_ids": torch.tensor([[0, 3, 4]] * len(ROWS))} if name == "t5" else {}
+    ids, mask = padded_rows("right")
+    extra = {"decoder_input_ids": torch.tensor([[0, 3, 4]] * len(PAD_ROWS))} if name == "t5_plain" else {}
     with torch.no_grad():
         batch = ours(input_ids=ids, attention_mask=mask, **{k: v for k, v in extra.items()}).logits
-        for i, row in enumerate(ROWS):
+        for i, row in enumerate(PAD_ROWS):
             alone = ours(input_ids=torch.tensor([row]), **{k: v[i:i + 1] for k, v in extra.items()}).logits
             if name in ("llama", "gpt2"):
                 assert max_diff(batch[i, : N + len(row)], alone[0]) <= 1e-5
@@ -180,20 +164,20 @@ def test_left_padded_classifier_with_positions_equals_rows_alone():
     """Decoder-only classifiers read the last position (inputs_embeds hide the padding from them):
     pad on the left, and give positions so that padding does not shift the tokens."""
     _, ours = pair("llama_cls")
-    ids, mask = _padded("left")
+    ids, mask = padded_rows("left")
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         batch = ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        for i, row in enumerate(ROWS):
+        for i, row in enumerate(PAD_ROWS):
             assert max_diff(batch[i], ours(input_ids=torch.tensor([row])).logits[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "t5"])
 def test_left_padded_generate_equals_rows_alone(name):
     _, ours = pair(name)
-    ids, mask = _padded("right" if name == "t5" else "left")
+    ids, mask = padded_rows("right" if name == "t5" else "left")
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    for i, row in enumerate(ROWS):
+    for i, row in enumerate(PAD_ROWS):
         alone = ours.generate(input_ids=torch.tensor([row]), max_new_tokens=5, do_sample=False, pad_token_id=0)
         new = got[i, 1:] if name == "t5" else got[i, ids.shape[1]:]
         new_alone = alone[0, 1:] if name == "t5" else alone[0, len(row):]
@@ -212,7 +196,7 @@ def test_training_lowers_loss_and_leaves_base_bit_identical():
     ids = torch.tensor([[3, 9, 27, 81, 3, 9, 27, 81, 3, 9]] * 2)
     labels = torch.full_like(ids, 7)  # the toy task: always answer token 7, which only the prompt can teach
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -247,18 +231,6 @@ def test_files_load_both_ways(name, tmp_path):
         assert max_diff(loaded_by_peft(**x).logits, expected) <= 1e-5
         assert max_diff(loaded_by_ours(**x).logits, expected) <= 1e-5
     assert not any(p.requires_grad for p in loaded_by_ours.parameters())
-
-
-def assert_same_config_json(ours: dict, theirs: dict) -> None:
-    """Same fields and values; PEFT lists the task heads of modules_to_save twice, so that one is a set."""
-    assert set(ours) == set(theirs)
-    for key in ours:
-        if key == "peft_version":
-            continue
-        if key == "modules_to_save" and ours[key] is not None:
-            assert set(ours[key]) == set(theirs[key])
-        else:
-            assert ours[key] == theirs[key], key
 
 
 def _tokenizer_folder(path) -> str:
@@ -354,18 +326,28 @@ def test_unload_and_delete_restore_the_base_model_exactly():
         assert torch.equal(base(**x).logits, reference)
 
 
-def test_works_without_the_other_method_plugins():
-    """Only the prompt-tuning plugin selected: it works without the prefix plugin (independent plugins)."""
-    import subprocess
-    import sys
+def test_works_without_the_other_method_plugins(monkeypatch):
+    """An independent plugin: selected alone it works, and neither method plugin imports the other."""
+    import ast
+    import pathlib
 
-    code = ("import sys, torch, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, 'tests');"
-            "from conftest import tiny_llama; import peft_core;"
-            "m = peft_core.get_peft_model(tiny_llama(), peft_core.PromptTuningConfig(num_virtual_tokens=2));"
-            "m(input_ids=torch.tensor([[3, 4]]));"
-            "print(sorted(x for x in sys.modules if x.startswith('peft_') and '.' not in x))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                         env={**os.environ, "PEFT_CORE_PLUGINS": "prompt_tuning"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['peft_core', 'peft_prompt_tuning']"
+    from peft_core.registry import reset_registry
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "methods"
+    for package, others in (("prompt_tuning", {"peft_prefix", "peft_lora"}), ("prefix", {"peft_prompt_tuning",
+                                                                                          "peft_lora"})):
+        for path in (root / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not {n.split(".")[0] for n in names} & others, f"{path} imports {names}"
+    monkeypatch.setenv("PEFT_CORE_PLUGINS", "prompt_tuning")
+    try:
+        registry = reset_registry()
+        assert [spec.name for spec, _ in registry.methods()] == ["PROMPT_TUNING"]
+        model = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2))
+        with torch.no_grad():
+            assert model(input_ids=torch.tensor([[3, 4]])).logits.shape[1] == 4
+    finally:
+        monkeypatch.delenv("PEFT_CORE_PLUGINS")
+        reset_registry()
