@@ -130,9 +130,10 @@ def main() -> None:
         adapted.eval()
         reloaded = PeftModel.from_pretrained(build_base(args), args.output_dir).eval()
         probe = data.tensors[0][: args.global_batch_size].to(accelerator.device)
-        with torch.no_grad():
-            expected = adapted(input_ids=probe).logits
-            got = reloaded.to(accelerator.device)(input_ids=probe).logits
+        # accelerator.autocast: under --mixed_precision the trained model's forward runs in it, so must this one
+        with torch.no_grad(), accelerator.autocast():
+            expected = adapted(input_ids=probe).logits.float()
+            got = reloaded.to(accelerator.device)(input_ids=probe).logits.float()
         result["reload_max_abs_diff"] = (expected - got).abs().max().item()
         result["saved_files"] = sorted(os.listdir(args.output_dir))
         print("RESULT " + json.dumps(result), flush=True)
