@@ -40,10 +40,11 @@ class AdapterTrainer(transformers.Trainer):
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # every rank calls save_pretrained: FSDP-sharded adapters are gathered collectively; only the
+        # saving rank writes
+        adapted.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        adapted.save_pretrained(output_dir, is_main_process=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))
