@@ -38,14 +38,20 @@ from .spec import MethodSpec
 
 __all__ = ["AdaptedModel"]
 
-_RESERVED = frozenset(dir(nn.ModuleDict())) | {BASE_ROW}
+# Methods keep adapters in ModuleDicts and ParameterDicts keyed by adapter name; a key that is an attribute
+# of either (ParameterDict adds 'get', 'copy', 'fromkeys'...) cannot be stored.
+_RESERVED = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict())) | {BASE_ROW}
+#: save_pretrained writes adapter "x" to <folder>/x: the name must be one plain folder name.
+_MAX_NAME_BYTES = 255
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "." in name or name in _RESERVED or not name.isprintable():
+    if (not isinstance(name, str) or not name or "." in name or "/" in name or "\\" in name or name in _RESERVED
+            or not name.isprintable() or len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES):
         raise AdapterError(
-            f"adapter name {name!r} is not allowed: use a non-empty printable string without '.', "
-            f"and not {BASE_ROW!r} or an attribute name of nn.ModuleDict (such as 'keys' or 'to')")
+            f"adapter name {name!r} is not allowed: use a non-empty printable string of at most "
+            f"{_MAX_NAME_BYTES} bytes without '.', '/' or '\\' (it becomes a folder name when saved), and not "
+            f"{BASE_ROW!r} or an attribute name of nn.ModuleDict/nn.ParameterDict (such as 'keys', 'to', 'get')")
     return name
 
 
@@ -142,6 +148,9 @@ class AdaptedModel(nn.Module):
     def _require(self, names: str | Sequence[str] | None) -> list[str]:
         if names is None:
             return list(self._runtime.active)
+        if not isinstance(names, (str, Sequence)) or not all(isinstance(n, str) for n in names):
+            raise AdapterError(f"expected an adapter name or a list of adapter names, got {names!r}; this model "
+                               f"has {list(self.peft_config)}")
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -419,12 +428,17 @@ class AdaptedModel(nn.Module):
         return (), kwargs
 
     @contextmanager
-    def _routed(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    def _routed(self, adapter_names: Sequence[str] | None, args: tuple[Any, ...] = (),
+                kwargs: dict[str, Any] | None = None) -> Iterator[None]:
         if adapter_names is None:
             yield
             return
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise AdapterError("adapter_names must be a list with one adapter name per row")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+            raise AdapterError("adapter_names must be a non-empty list with one adapter name per row")
+        rows = _batch_rows(args, kwargs or {})
+        if rows is not None and len(adapter_names) != rows:
+            raise AdapterError(f"adapter_names has {len(adapter_names)} entries but the batch has {rows} rows; "
+                               "give one adapter name per row")
         unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
         if unknown:
             raise AdapterError(f"adapter_names has unknown adapter(s) {unknown}; this model has "
@@ -438,13 +452,13 @@ class AdaptedModel(nn.Module):
             yield
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._routed(adapter_names):
+        with self._routed(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
     forward = _ForwardWithBaseSignature()
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._routed(adapter_names):
+        with self._routed(adapter_names, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ parameters
@@ -475,10 +489,15 @@ class AdaptedModel(nn.Module):
                     out[model_key] = f"{disk_prefix}{path}.{pname}"
         return out
 
-    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The tensors ``save_pretrained`` writes for ``adapter_name``, keyed as on disk."""
+    def get_adapter_state_dict(self, adapter_name: str = "default",
+                               state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes for ``adapter_name``, keyed as on disk.
+
+        ``state_dict``: this model's full state dict, if the caller has it already (or wants other
+        values saved, as with Hugging Face PEFT's ``save_pretrained(state_dict=...)``).
+        """
         self._require(adapter_name)
-        full = self.state_dict()
+        full = self.state_dict() if state_dict is None else state_dict
         result = self._call(adapter_name, "state_dict_filter", store=self.adapter_modules, state_dict=full)
         if not isinstance(result, dict):
             raise PluginContractError(f"state_dict_filter of {type(self.peft_config[adapter_name]).peft_type}"
@@ -492,7 +511,7 @@ class AdaptedModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None, is_main_process: bool | None = None,
-                        **_: Any) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format).
 
         ``default`` goes to ``save_directory``, every other adapter to ``save_directory/<name>``. Each
@@ -501,13 +520,15 @@ class AdaptedModel(nn.Module):
         ``is_main_process=None`` means rank 0 when a ``torch.distributed`` process group is initialized,
         else True: every rank of a DDP/accelerate/FSDP job may call this, and only one writes. Adapter
         weights sharded by FSDP2 are gathered first, on every rank (see docs/distributed.md).
+        ``state_dict``: take the adapter's tensors from this (the model's namespace) instead of the model.
         """
         if is_main_process is None:
             is_main_process = not _distributed() or torch.distributed.get_rank() == 0
         names = list(self.peft_config) if selected_adapters is None else self._require(selected_adapters)
         # Every rank reads the adapter tensors (cheap: views of the live parameters) so that FSDP2 shards
         # can be gathered, which takes all ranks; only the main process serializes and writes.
-        gathered = {name: self.get_adapter_state_dict(name) for name in names}
+        full = self.state_dict() if state_dict is None else state_dict  # one walk of the model for all adapters
+        gathered = {name: self.get_adapter_state_dict(name, full) for name in names}
         if not is_main_process:
             return
         root = Path(save_directory)
@@ -519,11 +540,13 @@ class AdaptedModel(nn.Module):
             tensors = gathered[name]
             data = (serialize_safetensors(tensors) if safe_serialization else _torch_bytes(tensors))
             payloads.append((name, config, data))
-        for name, config, data in payloads:
-            folder = root if name == "default" else root / name
-            with staged_files(folder) as files:
-                files[SAFETENSORS_NAME if safe_serialization else WEIGHTS_NAME] = data
-                files[CONFIG_NAME] = config.to_json_string().encode()
+        # one stage for every adapter: all files are written to temporary names before any replaces its target,
+        # so a failure leaves every adapter folder as it was
+        with staged_files(root) as files:
+            for name, config, data in payloads:
+                sub = "" if name == "default" else f"{name}/"
+                files[sub + (SAFETENSORS_NAME if safe_serialization else WEIGHTS_NAME)] = data
+                files[sub + CONFIG_NAME] = config.to_json_string().encode()
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload adapter with peft-core", revision: str | None = None,
@@ -603,10 +626,13 @@ class AdaptedModel(nn.Module):
         if missing:
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) of adapter {adapter_name!r} are missing "
                                   f"from the file: {_first(missing)}")
-        bad_dtype = [k for k, v in mapped.items() if not (v.is_floating_point() or v.is_complex())
-                     and targets[k].is_floating_point()]
+        # only a floating tensor fits a floating parameter: copy_ would turn ints and bools into floats silently,
+        # and drop the imaginary part of complex values
+        bad_dtype = [f"{k} ({v.dtype})" for k, v in mapped.items()
+                     if targets[k].is_floating_point() and not v.is_floating_point()]
         if bad_dtype:
-            raise CheckpointError(f"{source}: non-floating tensors for floating parameters: {_first(bad_dtype)}")
+            raise CheckpointError(f"{source}: {len(bad_dtype)} tensor(s) are not floating point, but the parameters "
+                                  f"they load into are: {_first(bad_dtype)}. The file is corrupt or not an adapter")
         with torch.no_grad():
             for k, v in mapped.items():
                 t = targets[k]
@@ -641,6 +667,14 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
+
+
+def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward/generate call, from its token ids or embeddings (None when unknown)."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
 
 
 def _distributed() -> bool:

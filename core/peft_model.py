@@ -98,7 +98,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None,
                               adapter_name: str = "default") -> dict[str, Any]:
     """The adapter's tensors keyed as Hugging Face PEFT writes them."""
-    return model.get_adapter_state_dict(adapter_name)
+    return model.get_adapter_state_dict(adapter_name, state_dict)
 
 
 def set_peft_model_state_dict(model: AdaptedModel, peft_model_state_dict: dict[str, Any],
