@@ -7,6 +7,7 @@ only through ``torch.load(weights_only=True)``, which refuses any pickle that wo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -64,28 +65,53 @@ def staged_files(folder: Path) -> Iterator[dict[str, bytes]]:
     """Collect several files' bytes, then write them all atomically once the block succeeds.
 
     Every file is fully written to its temporary name before the first one replaces its target, so
-    a failure while writing leaves every previous file as it was.
+    a failure while writing leaves every previous file as it was, and no temporary file behind. The
+    previous files are kept (hard links) until every rename is done: a rename that fails puts back the
+    files already replaced. Names may include sub-folders. A process killed while writing leaves its
+    ``.peft-core-tmp-*`` files (never read by loads; safe to delete when no save is running); killed
+    between two of the final renames (microseconds), a folder can hold some new files beside old ones.
     """
     files: dict[str, bytes] = {}
     yield files
     folder.mkdir(parents=True, exist_ok=True)
     tmps: list[tuple[str, Path]] = []
+    backups: dict[Path, str] = {}  # target -> a hard link to its previous content
+    replaced: list[Path] = []
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
-            tmps.append((tmp, folder / name))
+            target = folder / name  # a name may have a sub-folder ("other/adapter_model.safetensors")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+            tmps.append((tmp, target))
             try:
                 _write_chunks(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         for tmp, target in tmps:
+            if target.is_file():
+                backup = f"{tmp}.old"
+                with contextlib.suppress(OSError):  # no hard links on this filesystem: no rollback of renames
+                    os.link(target, backup)
+                    backups[target] = backup
+        for tmp, target in tmps:
             os.replace(tmp, target)
+            replaced.append(target)
     except BaseException:
+        for target in reversed(replaced):  # a rename failed: put the previous files back
+            with contextlib.suppress(OSError):
+                if target in backups:
+                    os.replace(backups.pop(target), target)
+                else:
+                    os.unlink(target)
         for tmp, _ in tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+    finally:
+        for backup in backups.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(backup)
 
 
 def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -96,6 +122,41 @@ def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return save(plain, metadata=dict(metadata or {"format": "pt"}))
 
 
+#: safetensors' own limit on the JSON header.
+_MAX_HEADER = 100_000_000
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """Refuse a file whose size is not what its header describes, before reading it whole: a file padded to
+    gigabytes, or a header claiming more data than there is, costs one small read, not the file's size in
+    memory. The full validation is safetensors' own, on the bytes, afterwards."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"the file is {size} bytes and its first 8 bytes give a header of "
+                             f"{n if n >= 0 else 'no'} bytes")
+        header = f.read(n)
+    try:
+        meta = json.loads(header)
+    except (ValueError, RecursionError):
+        raise ValueError("its header is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError("its header is not a JSON object")
+    end = 0
+    for key, info in meta.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise ValueError(f"tensor {key[:100]!r} has no valid data_offsets in the header")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise ValueError(f"the file is {size} bytes but its header describes {8 + n + end}")
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Load an adapter weights file (safetensors, or a weights-only ``.bin``) onto the CPU."""
     path = Path(path)
@@ -104,6 +165,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
         try:
+            _check_safetensors_size(path)
             data = path.read_bytes()
             return load(data)
         except (SafetensorError, ValueError, RuntimeError, OSError) as e:
