@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from .errors import ConfigError
 from .tasks import TaskType
 
 __all__ = ["ANY", "CONFIG_NAME", "PeftConfig", "check", "to_str_tuple"]
+
+_FLOAT_MAX = sys.float_info.max
 
 #: In ``peft_inert_fields``: any value is accepted (and ignored).
 ANY: Any = object()
@@ -52,6 +55,10 @@ def check(kind: type | tuple[type, ...], *, optional: bool = False, low: float |
             raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__}). {fix}".strip())
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{name} must be finite, got {value!r}. {fix}".strip())
+        if float in kinds and isinstance(value, int) and abs(value) > _FLOAT_MAX:
+            # a float field: the method will compute with float(value), which would overflow
+            raise ConfigError(f"{name} must be a finite number, got an int of {value.bit_length()} bits. "
+                              f"{fix}".strip())
         if low is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value!r}. {fix}".strip())
         if high is not None and value > high:
@@ -194,6 +201,12 @@ class PeftConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                               "the file is truncated or not an adapter_config.json") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to read; an adapter_config.json is a flat "
+                              "object of fields. The file is corrupt or not an adapter_config.json") from None
+        except ValueError as e:  # e.g. an integer literal longer than Python's int_max_str_digits
+            raise ConfigError(f"{path}: a value cannot be read ({str(e).splitlines()[0][:200]}); the file is "
+                              "corrupt or not an adapter_config.json") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod

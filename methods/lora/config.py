@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 from peft_core.config import ANY, PeftConfig, check, to_str_tuple
 from peft_core.errors import ConfigError
+from peft_core.patterns import compile_module_pattern
 
 __all__ = ["LoraConfig"]
 
@@ -27,9 +29,13 @@ def _pattern_values(kind: type) -> Any:
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"LoraConfig.{attribute.name}: keys must be non-empty module-name "
                                   f"patterns, got {key!r}")
-            if isinstance(v, bool) or not isinstance(v, kind) or v <= 0 or v > 1_000_000:
+            # not (0 < v <= 1e6) also refuses NaN, which compares False with everything
+            if isinstance(v, bool) or not isinstance(v, kind) or not 0 < v <= 1_000_000:
                 raise ConfigError(f"LoraConfig.{attribute.name}[{key!r}] must be a positive "
-                                  f"{kind.__name__ if isinstance(kind, type) else 'number'}, got {v!r}")
+                                  f"{kind.__name__ if isinstance(kind, type) else 'number'} (at most 1e6), "
+                                  f"got {v!r}")
+            # the key is used as re.match(rf"(.*\.)?(?:{key})$", module_name) (see targeting.py)
+            compile_module_pattern(rf"(.*\.)?(?:{key})$", f"LoraConfig.{attribute.name} key {key!r}, as the regex")
     return validate
 
 
@@ -55,16 +61,20 @@ def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, str):
         if value == "all-linear":
             return
-        import re
-
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ConfigError(f"LoraConfig.{attribute.name}={value!r} is not a valid regular expression "
-                              f"({e}); give a list of module names, or a valid regex") from None
+        compile_module_pattern(value, f"LoraConfig.{attribute.name}")  # invalid or catastrophic: ConfigError
         return
     raise ConfigError(f"LoraConfig.{attribute.name} must be a list of module names, a regex string, "
                       f"'all-linear' or None, got {value!r}")
+
+
+def _int_to_float(value: Any) -> Any:
+    """0 and 1 in JSON mean 0.0 and 1.0; an int too large for a float becomes inf, which the validator names."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return value
 
 
 def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -95,8 +105,7 @@ class LoraConfig(PeftConfig):
     exclude_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
                                                                  validator=_target_ok)
     lora_alpha: int | float = attrs.field(default=8, validator=check((int, float), low=0))
-    lora_dropout: float = attrs.field(default=0.0, converter=lambda v: float(v) if isinstance(v, int)
-                                      and not isinstance(v, bool) else v,
+    lora_dropout: float = attrs.field(default=0.0, converter=_int_to_float,
                                       validator=check(float, low=0.0, high=0.999999))
     fan_in_fan_out: bool = attrs.field(default=False, validator=check(bool))
     bias: str = attrs.field(default="none", validator=check(str, choices=("none", "all", "lora_only")))
