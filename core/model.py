@@ -199,7 +199,8 @@ class AdaptedModel(nn.Module):
             if targets is None:
                 raise PluginContractError(f"the {spec.name} plugin ({self._registry.owner(spec.name).name}) "
                                           "does not implement inject")
-            if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+            if (not isinstance(targets, Sequence) or isinstance(targets, str)
+                    or not all(isinstance(t, str) for t in targets)):
                 raise PluginContractError(f"inject of {spec.name} returned {type(targets).__name__}; the hook "
                                           "contract expects a sequence of module names (str)")
             if config.modules_to_save:

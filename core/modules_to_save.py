@@ -61,6 +61,10 @@ class ModulesToSave(nn.Module):
         if routing is None or self._runtime.disabled:
             return self.active_module()(x, *args, **kwargs)
         # mixed batch: each row through its own adapter's copy (or the original)
+        if len(routing.names) != x.shape[0]:
+            from .errors import AdapterError
+
+            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has {x.shape[0]} rows")
         out: torch.Tensor | None = None
         for name in dict.fromkeys(routing.names):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module

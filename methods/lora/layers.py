@@ -240,6 +240,11 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(ids, *args, **kwargs)
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
+            if len(routing.names) != ids.shape[0]:
+                from peft_core.errors import AdapterError
+
+                raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
+                                   f"{ids.shape[0]} rows")
             out = result.clone()
             for name in dict.fromkeys(routing.names):
                 if name not in self.r:

@@ -41,13 +41,14 @@ def _stacks(layer: LoraLinear, present: tuple[str, ...], dtype: torch.dtype,
 
 
 def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: torch.Tensor) -> torch.Tensor:
-    present = tuple(n for n in dict.fromkeys(routing.names) if n in layer.r)
-    if not present:
-        return result
+    # checked before anything else: a routing that names no adapter of this layer must not hide a wrong length
     if len(routing.names) != x.shape[0]:
         from peft_core.errors import AdapterError
 
         raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has {x.shape[0]} rows")
+    present = tuple(n for n in dict.fromkeys(routing.names) if n in layer.r)
+    if not present:
+        return result
     index_key = ("lora_rows", present, x.device)
     rows = routing.cache.get(index_key)
     if rows is None:

@@ -114,8 +114,16 @@ class LoraPlugin:
                 if not torch.isfinite(w.detach().float() + layer.delta_weight(adapter_name).to(w.device)).all():
                     raise MergeError(f"safe_merge: adapter {adapter_name!r} would put NaN/Inf into {path}; "
                                      "the model was not changed")
-        for _, layer in layers:
-            layer.merge(adapter_name, safe=False)
+        done = []
+        try:
+            for _, layer in layers:
+                if adapter_name not in layer._restore:  # not merged yet: this call folds it
+                    layer.merge(adapter_name, safe=False)
+                    done.append(layer)
+        except BaseException:  # e.g. a layer on the meta device midway: unfold what was folded, exactly
+            for layer in reversed(done):
+                layer.unmerge(adapter_name)
+            raise
         return True
 
     @hookimpl
