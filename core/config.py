@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import reprlib
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ import attrs
 from .errors import ConfigError
 from .tasks import TaskType
 
-__all__ = ["ANY", "CONFIG_NAME", "PeftConfig", "check", "to_str_tuple"]
+__all__ = ["ANY", "CONFIG_NAME", "PeftConfig", "check", "short_repr", "to_str_tuple"]
 
 _FLOAT_MAX = sys.float_info.max
 
@@ -32,6 +33,19 @@ _OFF = (None, False, {}, [], ())
 CONFIG_NAME = "adapter_config.json"
 
 C = TypeVar("C", bound="PeftConfig")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 80
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a readable length: values from files may be huge or nested thousands deep."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int beyond int_max_str_digits; absurd nesting
+        return f"<{type(value).__name__}>"
 
 
 def check(kind: type | tuple[type, ...], *, optional: bool = False, low: float | None = None,
@@ -52,19 +66,19 @@ def check(kind: type | tuple[type, ...], *, optional: bool = False, low: float |
         numeric = any(k in (int, float) for k in kinds) and bool not in kinds
         if not isinstance(value, kinds) or (numeric and isinstance(value, bool)):
             want = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__}). {fix}".strip())
+            raise ConfigError(f"{name} must be {want}, got {short_repr(value)} ({type(value).__name__}). {fix}".strip())
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be finite, got {value!r}. {fix}".strip())
+            raise ConfigError(f"{name} must be finite, got {short_repr(value)}. {fix}".strip())
         if float in kinds and isinstance(value, int) and abs(value) > _FLOAT_MAX:
             # a float field: the method will compute with float(value), which would overflow
             raise ConfigError(f"{name} must be a finite number, got an int of {value.bit_length()} bits. "
                               f"{fix}".strip())
         if low is not None and value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value!r}. {fix}".strip())
+            raise ConfigError(f"{name} must be >= {low}, got {short_repr(value)}. {fix}".strip())
         if high is not None and value > high:
-            raise ConfigError(f"{name} must be <= {high}, got {value!r}. {fix}".strip())
+            raise ConfigError(f"{name} must be <= {high}, got {short_repr(value)}. {fix}".strip())
         if choices is not None and value not in choices:
-            raise ConfigError(f"{name} must be one of {list(choices)!r}, got {value!r}. {fix}".strip())
+            raise ConfigError(f"{name} must be one of {list(choices)!r}, got {short_repr(value)}. {fix}".strip())
 
     return validate
 
@@ -76,7 +90,7 @@ def _to_task_type(value: Any) -> Any:
         return TaskType(value)
     except ValueError:
         names = ", ".join(t.value for t in TaskType)
-        raise ConfigError(f"task_type={value!r} is not a task type; use one of {names}") from None
+        raise ConfigError(f"task_type={short_repr(value)} is not a task type; use one of {names}") from None
 
 
 def to_str_tuple(value: Any) -> Any:
@@ -86,7 +100,7 @@ def to_str_tuple(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         items = list(value)
         if not all(isinstance(v, str) for v in items):
-            raise ConfigError(f"expected a list of module names (str), got {value!r}")
+            raise ConfigError(f"expected a list of module names (str), got {short_repr(value)}")
         # sets have no order; sort so equal configs serialize identically
         return tuple(sorted(items)) if isinstance(value, (set, frozenset)) else tuple(items)
     return value  # left for the field's validator to reject with its name
@@ -100,6 +114,26 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _name_the_field(cls: type, kwargs: Mapping[str, Any], error: BaseException) -> str:
+    """The error's message, prefixed with the field at fault when the message does not name one: converters
+    (unlike validators) are not told which field they convert, so "expected a list of module names" alone
+    would leave the user guessing."""
+    if isinstance(error, RecursionError):
+        message = "a value is nested too deeply"
+    else:
+        message = str(error).splitlines()[0][:500] if str(error) else type(error).__name__
+    if any(f"{cls.__name__}.{name}" in message or f"{name}=" in message or f"{name}[" in message for name in kwargs):
+        return message
+    for f in attrs.fields(cls):
+        convert = getattr(f.converter, "converter", f.converter)  # attrs.Converter wraps the function
+        if f.name in kwargs and convert is not None:
+            try:
+                convert(kwargs[f.name])
+            except Exception:
+                return f"{cls.__name__}.{f.name}: {message}"
+    return message
 
 
 @attrs.frozen(kw_only=True)
@@ -150,12 +184,12 @@ class PeftConfig:
         if not cls.peft_type:
             if not isinstance(peft_type, str):
                 raise ConfigError(f"{source}: field 'peft_type' is missing or not a string "
-                                  f"(got {peft_type!r}); it names the method, e.g. \"LORA\"")
+                                  f"(got {short_repr(peft_type)}); it names the method, e.g. \"LORA\"")
             from .registry import get_registry  # late: the registry imports this module
 
             target = get_registry().config_class(peft_type)
         elif peft_type is not None and peft_type != cls.peft_type:
-            raise ConfigError(f"{source}: peft_type is {peft_type!r} but {cls.__name__} is for "
+            raise ConfigError(f"{source}: peft_type is {short_repr(peft_type)} but {cls.__name__} is for "
                               f"{cls.peft_type!r}; load it with PeftConfig.from_pretrained instead")
         known = {f.name for f in attrs.fields(target)}
         inert = target.peft_inert_fields
@@ -163,7 +197,7 @@ class PeftConfig:
             value = data.get(key, expected)
             if expected is ANY or value == expected or (expected in _OFF and value in _OFF):
                 continue
-            raise ConfigError(f"{source}: {key}={value!r} asks for a feature of Hugging Face PEFT that the "
+            raise ConfigError(f"{source}: {key}={short_repr(value)} asks for a feature of Hugging Face PEFT that the "
                               f"{target.peft_type} plugin of peft-core does not implement; "
                               f"only {key}={expected!r} is supported")
         kwargs = {k: v for k, v in data.items() if k in known}
@@ -173,10 +207,8 @@ class PeftConfig:
                           stacklevel=2)
         try:
             return target(**kwargs)  # type: ignore[return-value]
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except (TypeError, ValueError) as e:  # a converter or attrs itself
-            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # validators, converters, attrs
+            raise ConfigError(f"{source}: {_name_the_field(target, kwargs, e)}") from None
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed (configs are frozen: the user's object is never mutated)."""

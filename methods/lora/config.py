@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import ANY, PeftConfig, check, to_str_tuple
+from peft_core.config import ANY, PeftConfig, check, short_repr, to_str_tuple
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
@@ -19,7 +19,7 @@ def _patterns(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"rank_pattern/alpha_pattern must be a mapping of module-name patterns to values, "
-                          f"got {value!r}")
+                          f"got {short_repr(value)}")
     return dict(value)
 
 
@@ -28,14 +28,15 @@ def _pattern_values(kind: type) -> Any:
         for key, v in value.items():
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"LoraConfig.{attribute.name}: keys must be non-empty module-name "
-                                  f"patterns, got {key!r}")
+                                  f"patterns, got {short_repr(key)}")
             # not (0 < v <= 1e6) also refuses NaN, which compares False with everything
             if isinstance(v, bool) or not isinstance(v, kind) or not 0 < v <= 1_000_000:
-                raise ConfigError(f"LoraConfig.{attribute.name}[{key!r}] must be a positive "
+                raise ConfigError(f"LoraConfig.{attribute.name}[{short_repr(key)}] must be a positive "
                                   f"{kind.__name__ if isinstance(kind, type) else 'number'} (at most 1e6), "
-                                  f"got {v!r}")
+                                  f"got {short_repr(v)}")
             # the key is used as re.match(rf"(.*\.)?(?:{key})$", module_name) (see targeting.py)
-            compile_module_pattern(rf"(.*\.)?(?:{key})$", f"LoraConfig.{attribute.name} key {key!r}, as the regex")
+            compile_module_pattern(rf"(.*\.)?(?:{key})$",
+                                   f"LoraConfig.{attribute.name} key {short_repr(key)}, as the regex")
     return validate
 
 
@@ -52,7 +53,7 @@ def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                for i in items):
         raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of indices "
-                          f"(int >= 0), got {value!r}")
+                          f"(int >= 0), got {short_repr(value)}")
 
 
 def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -64,7 +65,7 @@ def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         compile_module_pattern(value, f"LoraConfig.{attribute.name}")  # invalid or catastrophic: ConfigError
         return
     raise ConfigError(f"LoraConfig.{attribute.name} must be a list of module names, a regex string, "
-                      f"'all-linear' or None, got {value!r}")
+                      f"'all-linear' or None, got {short_repr(value)}")
 
 
 def _int_to_float(value: Any) -> Any:
@@ -79,7 +80,7 @@ def _int_to_float(value: Any) -> Any:
 
 def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not (value is True or value is False or value == "gaussian"):
-        raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {value!r} "
+        raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {short_repr(value)} "
                           "(other PEFT initialisations are not supported by this plugin)")
 
 
