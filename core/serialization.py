@@ -32,6 +32,12 @@ WEIGHTS_NAME = "adapter_model.bin"
 _TMP_PREFIX = ".peft-core-tmp-"
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (an EOFError from a truncated pickle has an empty message)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _write_chunks(fd: int, data: bytes) -> None:
     view = memoryview(data)
     chunk = 1 << 22
@@ -175,7 +181,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a pickle that would run code, and anything torch raises
         raise CheckpointError(f"{path}: refused to load: only plain tensors are accepted from .bin files "
-                              f"(torch.load weights_only=True said: {str(e).splitlines()[0][:300]}). "
+                              f"(torch.load weights_only=True said: {_first_line(e)[:300]}). "
                               "Convert it to safetensors from a trusted environment.") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
@@ -206,10 +212,10 @@ def resolve_file(model_id: str | Path, filename: str, *, subfolder: str | None =
                                     **kwargs))
     except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError in recent huggingface_hub
         raise CheckpointError(f"{model_id}: not a local folder, and {filename} is not in the Hub cache "
-                              f"while offline or unreachable ({str(e).splitlines()[0]}). Pass a local folder, "
+                              f"while offline or unreachable ({_first_line(e)}). Pass a local folder, "
                               "or go online.") from None
     except EntryNotFoundError:
         return None
     except Exception as e:
         raise CheckpointError(f"{model_id}: not a local folder, and the Hub could not provide {filename}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{_first_line(e)}") from None
