@@ -618,12 +618,14 @@ class AdaptedModel(nn.Module):
             raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) match nothing in "
                                   f"{type(self.base_model).__name__}: {_first(unexpected)}. The adapter was "
                                   "made for another architecture, or its keys are not in PEFT's format")
-        bad_shape = [f"{k} {tuple(v.shape)} vs model {tuple(targets[k].shape)}" for k, v in mapped.items()
+        order = {k: i for i, k in enumerate(targets)}  # report in model order: the first mismatching modules first
+        bad_shape = [f"{k} {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
+                     for k, v in sorted(mapped.items(), key=lambda kv: order[kv[0]])
                      if tuple(v.shape) != tuple(targets[k].shape)]
         if bad_shape:
             raise CheckpointError(f"{source}: {len(bad_shape)} shape mismatch(es): {_first(bad_shape)}. The "
                                   "adapter was made for a model of another size, or with another r")
-        missing = sorted(k for k in self._adapter_params.get(adapter_name, ()) if k not in mapped)
+        missing = [k for k in self._adapter_params.get(adapter_name, ()) if k not in mapped]  # model order
         if missing:
             raise CheckpointError(f"{source}: {len(missing)} tensor(s) of adapter {adapter_name!r} are missing "
                                   f"from the file: {_first(missing)}")
