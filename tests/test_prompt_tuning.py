@@ -107,6 +107,53 @@ def test_token_type_ids_and_position_ids():
     assert max_diff(plain, positioned) <= 1e-6
 
 
+def _count_base_calls(model) -> list[int]:
+    calls: list[int] = []
+    model.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    return calls
+
+
+def test_shared_prompt_path_matches_peft_in_training():
+    """Causal LMs without dropout: the virtual tokens run once at batch 1 (two base-model calls per forward);
+    loss, logits and the prompt's gradient still equal PEFT's, which runs them once per row."""
+    ref, ours = pair("llama")
+    calls = _count_base_calls(ours)
+    ref.train()
+    ours.train()
+    x = inputs_for("llama")
+    labels = x["input_ids"].clone()
+    labels[0, 2] = -100
+    got, expected = ours(**x, labels=labels), ref(**x, labels=labels)
+    assert len(calls) == 2  # the batch-1 pass over the virtual tokens, then the batch
+    assert got.logits.shape == expected.logits.shape
+    assert max_diff(got.logits, expected.logits) <= 1e-5
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-6
+    got.loss.backward()
+    expected.loss.backward()
+    g_ours = ours.adapter_modules["default"].embedding.weight.grad
+    g_peft = ref.prompt_encoder["default"].embedding.weight.grad
+    assert max_diff(g_ours, g_peft) <= 1e-5 * max(1.0, g_peft.abs().max().item())
+    with torch.no_grad():
+        for keep in (1, 5, 9):  # logits_to_keep reaching into the virtual positions too
+            kept = ours(**x, logits_to_keep=keep).logits
+            assert max_diff(kept, expected.logits[:, -keep:]) <= 1e-5
+    assert not ours.adapter_modules["default"]._pending  # nothing left waiting
+
+
+def test_shared_prompt_path_stays_off_where_it_would_change_results():
+    _, ours = pair("gpt2")  # GPT-2 has dropout: rows must keep their own dropout masks in training
+    calls = _count_base_calls(ours)
+    x = inputs_for("gpt2")
+    ours.train()
+    ours(**x)
+    assert len(calls) == 1
+    ours.eval()
+    with torch.no_grad():
+        ours(**x)
+        ours(input_ids=x["input_ids"][:1])  # one row: nothing to share
+    assert len(calls) == 1 + 2 + 1
+
+
 # ---------------------------------------------------------------- generation
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_greedy_generate_matches_peft(name):

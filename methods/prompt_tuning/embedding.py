@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -13,7 +14,12 @@ from torch import nn
 
 from .config import PromptTuningConfig
 
-__all__ = ["PromptEmbedding", "initial_token_ids"]
+__all__ = ["OWN_CACHE", "PromptEmbedding", "initial_token_ids"]
+
+#: Attribute set on the caches this plugin creates. A forward with ``use_cache=False`` still returns the
+#: cache it was given, and ``generate(use_cache=False)`` passes it back with the whole sequence again;
+#: such a cache is stale and must not be continued.
+OWN_CACHE = "_peft_prompt_own_cache"
 
 
 class PromptEmbedding(nn.Module):
@@ -34,6 +40,10 @@ class PromptEmbedding(nn.Module):
         # plain attributes, not submodules: the runtime belongs to the wrapping model
         self._runtime = runtime
         self._encoder_hook: Any = None
+        self._output_hook: Any = None
+        # logits of the virtual positions waiting to be put in front of one call's output (shared-prompt
+        # path): id(inputs_embeds of that call) -> (weak reference to that tensor, logits)
+        self._pending: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """``embeds`` (batch, length, dim) with the virtual tokens in front, in ``embeds``' dtype.
@@ -71,6 +81,34 @@ class PromptEmbedding(nn.Module):
         # the model's forward has already extended the mask (it also serves cross-attention); generate() has not
         inputs["attention_mask"] = extend_attention_mask(inputs.get("attention_mask"), n, n + embeds.shape[1])
         return (), inputs
+
+    # ------------------------------------------------------------------ shared-prompt path (see plugin.py)
+    def attach_output_hook(self, model: nn.Module) -> None:
+        self._output_hook = model.register_forward_hook(self._output_post_hook, with_kwargs=True)
+
+    def detach_output_hook(self) -> None:
+        if self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
+
+    def expect_output(self, embeds: torch.Tensor, virtual_logits: torch.Tensor) -> None:
+        """Put ``virtual_logits`` (1, k, vocab) in front of the logits of the call whose input is ``embeds``."""
+        for key in [k for k, (ref, _) in self._pending.items() if ref() is None]:  # calls that raised
+            del self._pending[key]
+        self._pending[id(embeds)] = (weakref.ref(embeds), virtual_logits)
+
+    def _output_post_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          output: Any) -> Any:
+        embeds = kwargs.get("inputs_embeds")
+        entry = self._pending.pop(id(embeds), None) if embeds is not None else None
+        if entry is None or entry[0]() is not embeds:
+            return None
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            return None
+        virtual = entry[1].to(logits.dtype).expand(logits.shape[0], -1, -1)
+        output.logits = torch.cat([virtual, logits], dim=1)
+        return output
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, num_virtual_tokens={self.num_virtual_tokens}"

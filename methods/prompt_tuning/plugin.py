@@ -15,6 +15,9 @@ How the prompt reaches the model (``prepare_inputs``, called before every forwar
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,16 +27,18 @@ from peft_core.compat import STORE_PREFIX
 from peft_core.errors import ConfigError, TargetError
 from peft_core.runtime import AdapterRuntime
 from peft_core.virtual_tokens import (
+    cache_argument,
     cached_length,
     check_virtual_token_call,
     extend_attention_mask,
     model_sizes,
+    pop_cache,
     shift_position_ids,
 )
 from torch import nn
 
 from .config import PromptTuningConfig
-from .embedding import PromptEmbedding, initial_token_ids
+from .embedding import OWN_CACHE, PromptEmbedding, initial_token_ids
 
 __all__ = ["DISK_KEY", "PromptTuningPlugin", "plugin"]
 
@@ -43,6 +48,8 @@ _TASKS = [TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM, TaskType.SEQ_CLS, TaskType.
           TaskType.FEATURE_EXTRACTION]
 #: Tasks whose labels are one per sequence, not one per token (never padded).
 _SEQUENCE_LABELS = {TaskType.SEQ_CLS}
+#: True while the shared-prompt path runs the model on the virtual tokens: that inner call is left alone.
+_IN_PROMPT_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_prompt_pass", default=False)
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module:
@@ -112,6 +119,8 @@ class PromptTuningPlugin:
                     module.embedding.weight.copy_(emb(ids.to(weight.device)).detach())
         if sizes.is_encoder_decoder:
             module.attach_to_encoder(model.get_encoder())
+        elif _shareable_model(model):
+            module.attach_output_hook(model)
         store[adapter_name] = module
         return []  # no layer of the model is replaced
 
@@ -131,11 +140,14 @@ class PromptTuningPlugin:
         module = store[adapter_name] if adapter_name in store else None
         if isinstance(module, PromptEmbedding):
             module.detach_from_encoder()
+            module.detach_output_hook()
         return True
 
     @hookimpl
     def prepare_inputs(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig, store: nn.ModuleDict,
                        inputs: dict[str, Any]) -> dict[str, Any] | None:
+        if _IN_PROMPT_PASS.get():
+            return None
         module: PromptEmbedding = store[adapter_name]
         check_virtual_token_call(module, store, module._runtime, "prompt-tuning")
         if module.encoder_decoder:
@@ -172,8 +184,15 @@ def _prompt_inputs(model: nn.Module, module: PromptEmbedding, config: PromptTuni
     if x is None:
         return None  # nothing to prompt; the model reports the missing input itself
     cache = inputs.get("cache", inputs.get("past_key_values"))
+    if inputs.get("use_cache") is False and getattr(cache, OWN_CACHE, False):
+        pop_cache(inputs)  # our own cache from the previous non-caching call: start afresh
+        cache = None
     past = cached_length(cache)
     first = past == 0  # the prompt is not in the cache yet: it enters with this call's tokens
+    if first and module._output_hook is not None:
+        shared = _shared_prompt_inputs(model, module, inputs, cache)
+        if shared is not None:
+            return shared
     total = past + x.shape[1] + (n if first else 0)
     mask = inputs.get("attention_mask")
     # a mask over all `total` positions means the caller already counts the virtual tokens
@@ -198,6 +217,116 @@ def _prompt_inputs(model: nn.Module, module: PromptEmbedding, config: PromptTuni
             and config.task_type not in _SEQUENCE_LABELS):
         # no loss on the virtual tokens: -100 is the ignore index of transformers' losses
         inputs["labels"] = torch.cat([labels.new_full((batch, n, *labels.shape[2:]), -100), labels], dim=1)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------- shared-prompt path
+# In a causal decoder-only model the virtual tokens (positions 0..n-1, in front of everything) attend
+# only to each other, so their hidden states, keys and values are the same in every row of a batch.
+# Hugging Face PEFT computes them once per row. Here, on the first forward of a sequence, the model runs
+# once on the first n-1 virtual tokens with batch 1; their keys and values, expanded over the batch, go
+# into the KV cache, and the batch runs on [last virtual token, own tokens] with labels [-100, labels]:
+# exactly the loss terms of the plain path (the last virtual token predicts the first label). The
+# virtual positions' logits, also from the batch-1 pass, are put back in front of the output's
+# (PromptEmbedding._output_post_hook), so outputs keep their shape. Work saved: (batch - 1) * (n - 1)
+# token positions through every layer, forward and backward.
+#
+# Only where it is exact: no active dropout (it would draw one mask for all rows), no gradient
+# checkpointing (it recomputes the cache), a plain DynamicCache, no token_type_ids, no per-layer outputs
+# requested. Anything else takes the plain path.
+
+
+def _shareable_model(model: nn.Module) -> bool:
+    """Generative decoder-only transformers models (causal attention) that take a KV cache."""
+    can_generate = getattr(model, "can_generate", None)
+    try:
+        generative = bool(can_generate()) if callable(can_generate) else False
+    except Exception:  # a model whose check itself fails is not one to optimise
+        generative = False
+    return generative and getattr(model, "config", None) is not None and cache_argument(model) is not None
+
+
+@functools.lru_cache(maxsize=128)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "hidden_dropout",
+                   "resid_pdrop", "embd_pdrop", "dropout")
+
+
+def _random_in_training(model: nn.Module) -> bool:
+    """Dropout or gradient checkpointing active in this (training) forward."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the old name warns
+        if hasattr(type(model), name):
+            if getattr(model, name):
+                return True
+            break
+    config = model.config
+    if any(isinstance(getattr(config, f, None), float) and getattr(config, f) > 0 for f in _DROPOUT_FIELDS):
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def _shared_prompt_inputs(model: nn.Module, module: PromptEmbedding, inputs: dict[str, Any],
+                          cache: Any) -> dict[str, Any] | None:
+    """The inputs for the shared-prompt path, or None where it does not apply (see above)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    n = module.num_virtual_tokens
+    ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+    x = ids if embeds is None else embeds
+    batch, length = x.shape[0], x.shape[1]
+    keep = inputs.get("logits_to_keep", 0)
+    labels, mask, positions = inputs.get("labels"), inputs.get("attention_mask"), inputs.get("position_ids")
+    if (n < 2 or batch < 2 or inputs.get("output_attentions") or inputs.get("output_hidden_states")
+            or inputs.get("return_dict") is False or inputs.get("token_type_ids") is not None
+            or not isinstance(keep, int) or isinstance(keep, bool)
+            or (labels is not None and not (isinstance(labels, torch.Tensor) and labels.dim() == 2
+                                            and labels.shape[1] == length))
+            or (mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                          and mask.shape[1] == length))
+            or (positions is not None and positions.dim() != 2)
+            or (model.training and _random_in_training(model))):
+        return None
+    target = cache if cache is not None else DynamicCache(config=model.config)
+    if type(target) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in target.layers):
+        return None  # sliding-window, static, quantized... caches: the plain path
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    prompt = module.embedding.weight[:n].to(embeds.dtype)
+    # logits of virtual positions the caller will see: all of them, or those logits_to_keep reaches
+    need = n - 1 if keep == 0 else max(0, keep - (length + 1))
+    small = DynamicCache(config=model.config)
+    cache_arg = cache_argument(model) or "cache"
+    call: dict[str, Any] = {"inputs_embeds": prompt[: n - 1].unsqueeze(0), cache_arg: small, "use_cache": True}
+    if _takes_logits_to_keep(type(model)):
+        call["logits_to_keep"] = max(need, 1)
+    token = _IN_PROMPT_PASS.set(True)
+    try:
+        out = model(**call)
+    finally:
+        _IN_PROMPT_PASS.reset(token)
+    layers = small.layers
+    if not layers or any(layer.keys is None or layer.keys.shape[-2] != n - 1 for layer in layers):
+        return None  # a layer without its own cache (KV sharing...): the plain path
+    for i, layer in enumerate(layers):
+        target.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+    if cache is None:
+        setattr(target, OWN_CACHE, True)
+    main = torch.cat([prompt[n - 1:].unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    pop_cache(inputs)
+    inputs.pop("input_ids", None)
+    inputs.update({"inputs_embeds": main, cache_arg: target})
+    if mask is not None:
+        inputs["attention_mask"] = extend_attention_mask(mask, n, n + length)
+    if positions is not None:
+        inputs["position_ids"] = shift_position_ids(positions, n, prepend=True)[..., n - 1:]
+    if labels is not None:
+        inputs["labels"] = torch.cat([labels.new_full((batch, 1), -100), labels], dim=1)
+    if need:
+        module.expect_output(main, out.logits[:, -need:])
     return inputs
 
 
