@@ -261,6 +261,9 @@ def prepare_inputs(model: nn.Module, adapter_name: str, config: PeftConfig, stor
     pre-hook). Positional arguments have already been bound to their names. With several active
     adapters the calls are chained in activation order.
 
+    A plugin may run the model itself from here (prompt tuning does, to compute the virtual tokens
+    once per batch); that inner forward calls ``prepare_inputs`` again, so guard against re-entry.
+
     Returns (firstresult): the new inputs dict (for example with ``inputs_embeds`` prefixed by
     virtual tokens, ``attention_mask`` extended and ``labels`` padded with -100), or None to leave
     the inputs as they are.

@@ -20,6 +20,7 @@ from peft_core.compat import STORE_PREFIX
 from peft_core.errors import AdapterError, CheckpointError, ConfigError, TargetError
 from peft_core.runtime import AdapterRuntime
 from peft_core.virtual_tokens import (
+    ModelSizes,
     cache_argument,
     cached_length,
     check_virtual_token_call,
@@ -200,7 +201,7 @@ class PrefixTuningPlugin:
         return inputs
 
 
-def _check_against_model(config: PrefixTuningConfig, sizes: Any, name: str) -> None:
+def _check_against_model(config: PrefixTuningConfig, sizes: ModelSizes, name: str) -> None:
     """Catch a prefix whose shape the model's attention cannot take, with a message instead of a
     shape error deep in an attention layer."""
     layers = sizes.num_decoder_layers or sizes.num_layers

@@ -11,6 +11,9 @@ How the prompt reaches the model (``prepare_inputs``, called before every forwar
 - encoder-decoder models: a pre-hook on the encoder puts the prompt in front of the encoder's input
   (``generate()`` runs the encoder outside the model's forward); ``prepare_inputs`` extends the mask that
   the decoder's cross-attention uses. The decoder side is unchanged, as in Hugging Face PEFT.
+
+Causal LMs take a faster road to the same result when it is exact (see "shared-prompt path" below): the
+virtual tokens run once per batch instead of once per row.
 """
 
 from __future__ import annotations
