@@ -8,14 +8,14 @@ from collections.abc import Mapping
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
-from peft_core.errors import MergeError
+from peft_core.errors import MergeError, TargetError
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, make_layer, supported_base
 from .operations import add_weighted_adapter
-from .targeting import find_targets, rank_and_alpha
+from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
 
 __all__ = ["LoraPlugin", "plugin"]
 
@@ -37,6 +37,27 @@ class LoraPlugin:
         return [MethodSpec(name="LORA", config_cls=LoraConfig, task_types=list(TaskType), mergeable=True,
                            summary="Low-rank adaptation: trains A (r x in) and B (out x r) beside frozen layers",
                            operations={"add_weighted_adapter": add_weighted_adapter})]
+
+    @hookimpl
+    def complete_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig | None:
+        """Write what the adapter really targets, as Hugging Face PEFT does, so that PEFT loads the file
+        without guessing or warning: ``target_modules=None`` becomes the architecture's default names (PEFT's
+        defaults differ for some architectures, and it has none for others), and ``fan_in_fan_out`` says
+        how the targeted layers store their weights (True for GPT-2's Conv1D, False for nn.Linear; this
+        plugin reads the layout from the layer type, so the flag only matters to PEFT)."""
+        changes: dict[str, object] = {}
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type in DEFAULT_TARGETS:
+                changes["target_modules"] = DEFAULT_TARGETS[model_type]
+        try:
+            targets = find_targets(model, config.replace(**changes) if changes else config)
+        except TargetError:
+            targets = []  # inject reports it, with the model left untouched
+        kinds = {supported_base(model.get_submodule(t)) for t in targets} & {"linear", "conv1d"}
+        if len(kinds) == 1 and config.fan_in_fan_out != (kinds == {"conv1d"}):
+            changes["fan_in_fan_out"] = kinds == {"conv1d"}
+        return config.replace(**changes) if changes else None
 
     @hookimpl
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
