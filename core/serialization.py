@@ -7,6 +7,7 @@ only through ``torch.load(weights_only=True)``, which refuses any pickle that wo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -39,10 +40,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _write_chunks(fd: int, data: bytes) -> None:
+    """Write all of ``data``: ``os.write`` may write fewer bytes than asked (a disk filling up, a signal), and
+    ignoring its count would rename a silently truncated file into place."""
     view = memoryview(data)
     chunk = 1 << 22
-    for start in range(0, len(view), chunk):
-        os.write(fd, view[start:start + chunk])
+    pos = 0
+    while pos < len(view):
+        n = os.write(fd, view[pos:pos + chunk])
+        if n <= 0:
+            raise OSError(errno.EIO, f"os.write wrote nothing at byte {pos} of {len(view)}")
+        pos += n
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
