@@ -25,11 +25,12 @@ from torch import nn
 
 # ---------------------------------------------------------------- hypothesis
 #: CI: derandomized (the same examples every run, so no flakes), bounded, no deadline (a slow CI machine must
-#: not fail a test for being slow). PEFT_CORE_FUZZ_EXAMPLES raises the bound for a deeper local run.
+#: not fail a test for being slow). For a deeper local run, PEFT_CORE_FUZZ_EXAMPLES raises the bound and
+#: PEFT_CORE_FUZZ_RANDOM=1 draws new examples each run.
 PROFILE = "peft-core-reliability"
 settings.register_profile(
-    PROFILE, derandomize=True, database=None, deadline=None, print_blob=True,
-    max_examples=int(os.environ.get("PEFT_CORE_FUZZ_EXAMPLES", "120")),
+    PROFILE, derandomize=os.environ.get("PEFT_CORE_FUZZ_RANDOM") != "1", database=None, deadline=None,
+    print_blob=True, max_examples=int(os.environ.get("PEFT_CORE_FUZZ_EXAMPLES", "300")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                            HealthCheck.function_scoped_fixture])
 FUZZ = settings.get_profile(PROFILE)
