@@ -405,3 +405,35 @@ def test_concurrent_inference_equals_serial(kind):
         warnings.simplefilter("error")
         assert torch.equal(run((None, 0)), serial[(None, 0)])
 
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_concurrent_forward_and_generate_with_prompt_methods_equal_serial(method):
+    """Prompt and prefix tuning act through a forward pre-hook and the KV cache: composed with LoRA, forwards
+    and generate() from four threads equal the serial results."""
+    import peft_core
+
+    try:
+        config_cls = getattr(peft_core, method)
+    except (AttributeError, LookupError):
+        pytest.skip(f"{method} is not installed")
+    model = get_peft_model(tiny_llama(), config_cls(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.add_adapter("lora", LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    model.eval()
+
+    def run(job):
+        kind, seed = job
+        x = model_inputs("llama", batch=2, seed=seed)
+        with torch.no_grad():
+            if kind == "forward":
+                return model(**x).logits
+            return model.generate(**x, max_new_tokens=3, do_sample=False)
+
+    jobs = [(kind, seed) for kind in ("forward", "generate") for seed in range(3)]
+    serial = {job: run(job) for job in jobs}
+    order = jobs * 4
+    random.Random(1).shuffle(order)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, order))
+    assert all(torch.equal(out, serial[job]) for job, out in zip(order, results))
