@@ -602,12 +602,20 @@ class AdaptedModel(nn.Module):
                                 source: str = "state dict") -> None:
         """Copy disk-keyed ``weights`` into adapter ``adapter_name``; checks everything before copying."""
         mts = {disk: model for model, disk in self._mts_keys(adapter_name).items()}
-        rest = {k: v for k, v in weights.items() if k not in mts}
+        # PEFT's LoRA with bias="all" also writes a wrapped module's bias under the wrapper's own path, adapter
+        # name stripped (<path>.modules_to_save.bias beside <path>.bias: the same tensor); <path>.<w> wins
+        prefix, inner = self._spec(adapter_name).disk_model_prefix, f".modules_to_save.{adapter_name}."
+        aliases = {prefix + model[len(compat.MODEL_PREFIX):].replace(inner, ".modules_to_save.", 1): model
+                   for model in mts.values()}
+        rest = {k: v for k, v in weights.items() if k not in mts and k not in aliases}
         mapped = self._call(adapter_name, "state_dict_load", store=self.adapter_modules, state_dict=rest)
         if not isinstance(mapped, dict):
             raise PluginContractError(f"state_dict_load of {type(self.peft_config[adapter_name]).peft_type} "
                                       f"returned {type(mapped).__name__}; the hook contract expects a dict")
         mapped = dict(mapped)
+        for disk, model_key in aliases.items():
+            if disk in weights:
+                mapped[model_key] = weights[disk]
         for disk, model_key in mts.items():
             if disk in weights:
                 mapped[model_key] = weights[disk]
