@@ -43,6 +43,12 @@ def main() -> int:
             error = _run(matrix.run_case, model, method, direction)
             if error:
                 failures[(model, method, direction)] = error
+    for model, method in matrix.BIAS_CASES:
+        rows.append((model, method))
+        for direction in matrix.DIRECTIONS:
+            error = _run(matrix.run_case, model, method, direction)
+            if error:
+                failures[(model, method, direction)] = error
     for model in ("llama", "bert_cls"):
         for direction in matrix.DIRECTIONS:
             error = _run(matrix.test_two_adapters_in_one_folder, model, direction)
