@@ -43,7 +43,7 @@ STATS: dict[str, Any] = {
     "configs_tried": 0,          # adapter_config.json files generated and loaded
     "files_tried": 0,            # adapter weight files generated and loaded
     "saves_interrupted": 0,      # save_pretrained calls made to fail midway
-    "loads_refused": 0,          # loads that raised a typed peft-core error
+    "refused": 0,                # inputs (loads, calls) refused with a typed peft-core error
     "loads_accepted": 0,         # generated inputs that turned out valid (the adapter then works)
     "unchanged_checks": 0,       # times the base model was compared with its fingerprint
     "unchanged_failures": 0,     # ... and differed (must stay 0)
@@ -54,7 +54,7 @@ STATS: dict[str, Any] = {
 
 def record_error(exc: BaseException, what: str) -> None:
     name = type(exc).__name__
-    STATS["loads_refused"] += 1
+    STATS["refused"] += 1
     STATS["error_types"][name] += 1
     STATS["samples"].setdefault(f"{name} <- {what}", str(exc)[:300])
 

@@ -215,6 +215,7 @@ def test_named_bad_configs(tmp_path, what, change, field, error):
     doc = {**t.good, **change}
     doc = {k: v for k, v in doc.items() if v is not DROP}
     (tmp_path / "adapter_config.json").write_text(json.dumps(doc))
+    STATS["configs_tried"] += 1
     with watchdog(20, what), pytest.raises(error) as info:
         PeftModel.from_pretrained(t.base, tmp_path)
     check_error(info.value, what)
