@@ -136,8 +136,33 @@ def _name_the_field(cls: type, kwargs: Mapping[str, Any], error: BaseException) 
     return message
 
 
+def _check_inert(target: type[PeftConfig], values: Mapping[str, Any], source: str) -> None:
+    """ConfigError for a field of ``peft_inert_fields`` given at a value other than its inert one."""
+    for key, expected in target.peft_inert_fields.items():
+        value = values.get(key, expected)
+        if expected is ANY or value == expected or (expected in _OFF and value in _OFF):
+            continue
+        raise ConfigError(f"{source}: {key}={short_repr(value)} asks for a feature of Hugging Face PEFT that the "
+                          f"{target.peft_type} plugin of peft-core does not implement; "
+                          f"only {key}={expected!r} is supported")
+
+
+class _ConfigMeta(type):
+    """Lets the constructor take the fields of ``peft_inert_fields`` as PEFT's does: code written for PEFT
+    (``LoraConfig(..., use_dora=False)``) runs, and ``use_dora=True`` is a ConfigError, not a TypeError."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        inert = getattr(cls, "peft_inert_fields", None)
+        if inert and kwargs:
+            known = {f.name for f in attrs.fields(cls)}
+            given = {k: kwargs.pop(k) for k in list(kwargs) if k in inert and k not in known}
+            if given:
+                _check_inert(cls, given, cls.__name__)
+        return super().__call__(*args, **kwargs)
+
+
 @attrs.frozen(kw_only=True)
-class PeftConfig:
+class PeftConfig(metaclass=_ConfigMeta):
     """Fields every adapter has. Subclasses add their method's own.
 
     ``peft_type`` is a class variable: it names the method, and is what ``adapter_config.json``
@@ -193,13 +218,7 @@ class PeftConfig:
                               f"{cls.peft_type!r}; load it with PeftConfig.from_pretrained instead")
         known = {f.name for f in attrs.fields(target)}
         inert = target.peft_inert_fields
-        for key, expected in inert.items():
-            value = data.get(key, expected)
-            if expected is ANY or value == expected or (expected in _OFF and value in _OFF):
-                continue
-            raise ConfigError(f"{source}: {key}={short_repr(value)} asks for a feature of Hugging Face PEFT that the "
-                              f"{target.peft_type} plugin of peft-core does not implement; "
-                              f"only {key}={expected!r} is supported")
+        _check_inert(target, data, source)
         kwargs = {k: v for k, v in data.items() if k in known}
         unknown = sorted(k for k in data if k not in known and k not in inert and k != "peft_type")
         if unknown:
