@@ -298,6 +298,22 @@ def test_every_field_peft_writes_is_read_and_written_back(case, tmp_path):
     assert _peft_config_dict(again) == _peft_config_dict(cls.from_pretrained(tmp_path / "peft"))
 
 
+@pytest.mark.parametrize("case", list(PEFT_FIELDS))
+def test_peft_config_keywords_build_our_config(case, tmp_path):
+    """Code written for PEFT passes PEFT's keywords, ``use_dora=False`` and the like included."""
+    cls, kw = PEFT_FIELDS[case]
+    cls(**kw).save_pretrained(tmp_path)
+    written = _json(tmp_path)
+    ours = PeftConfig.from_pretrained(tmp_path)
+    assert type(ours)(**{k: v for k, v in written.items() if k != "peft_type"}) == ours
+
+
+@pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]])])
+def test_peft_features_we_lack_are_a_config_error_in_the_constructor_too(field, value):
+    with pytest.raises(ConfigError, match=f"{field}=.*does not implement"):
+        LoraConfig(target_modules=["q_proj"], **{field: value})
+
+
 def test_a_fresh_config_without_peft_version_loads_in_peft_silently(tmp_path):
     """We write ``"peft_version": null`` (the file was not written by a PEFT release); PEFT 0.21 checks the
     version for none of these methods and fills in its own, without a warning."""
