@@ -408,3 +408,25 @@ def test_tensors_that_fit_nothing_or_mismatch_are_named_and_counted(tmp_path):
         assert what in message and f"{count} " in message and f"(and {count - 5} more)" in message, message
         assert "layers.1." in message or what == "shape mismatch"
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_peft_adapter_in_a_hub_repo_loads_by_id_from_the_cache(tmp_path, monkeypatch):
+    """A Hub id goes through huggingface_hub (its cache; offline here): a PEFT adapter in a repo's sub-folder."""
+    factory, _, flavour = MODELS["llama"]
+    ref = peft.get_peft_model(factory(), configs("llama", "lora_patterns")[1], adapter_name=SAVE_NAME)
+    perturb(ref)
+    x = model_inputs(flavour)
+    expected = logits(ref, "llama", "lora", x)
+    ref.save_pretrained(tmp_path / "src")
+    repo = tmp_path / "cache" / "models--someone--tiny-adapters"
+    commit = "c" * 40
+    for sub in ("refs", "snapshots"):
+        (repo / sub).mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (tmp_path / "src").rename(repo / "snapshots" / commit)  # the layout huggingface_hub's cache uses
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = PeftModel.from_pretrained(factory(), "someone/tiny-adapters", subfolder=SAVE_NAME, adapter_name=LOAD_NAME,
+                                       cache_dir=str(tmp_path / "cache"))
+    assert max_diff(logits(loaded, "llama", "lora", x), expected) <= TOLERANCE
+    with pytest.raises(CheckpointError, match="offline"):
+        PeftModel.from_pretrained(factory(), "someone/not-cached", cache_dir=str(tmp_path / "cache"))
