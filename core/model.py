@@ -267,6 +267,9 @@ class AdaptedModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the active ones (several at once: their effects add up, in order)."""
+        if adapter_name is None:  # _require(None) means "the active ones": here it would be a silent no-op
+            raise AdapterError(f"set_adapter needs an adapter name or a list of them; this model has "
+                               f"{list(self.peft_config)} (use disable_adapter() to run the base model)")
         names = self._require(adapter_name)
         if self._merged:
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)

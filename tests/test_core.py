@@ -428,3 +428,10 @@ def test_cli_list_methods_table_and_json():
     assert {"LORA"} <= {m["method"] for m in data["methods"]} and data["broken"] == []
     version = _cli("--version")
     assert version.stdout.strip() == "peft-core 0.1.0"
+
+
+def test_set_adapter_none_is_an_error(toy):
+    model = AdaptedModel(tiny_llama(), ToyScaleConfig())
+    with pytest.raises(AdapterError, match="disable_adapter"):
+        model.set_adapter(None)
+    assert model.active_adapters == ["default"]
