@@ -208,7 +208,7 @@ def run_rss(ctx: Context) -> None:
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     pending = list(jobs)
     running: list[tuple[tuple[str, float], subprocess.Popen[str]]] = []
-    parallel = 2 if ctx.quick else 1  # full runs: one at a time, so the probes do not slow each other down
+    parallel = 2  # CPU contention between probes changes their time, not their peak memory
     while pending or running:
         while pending and len(running) < parallel:
             side, p = pending.pop(0)

@@ -78,14 +78,14 @@ def run_b4(ctx: Context, rounds: int) -> None:
             ctx.agree(f"{count} adapters: prefill logits", rel_err(lo, lt), 1e-5)
             ctx.agree_true(f"{count} adapters: adapters change the output", rel_err(lo, base_logits) > 1e-3,
                            "mixed output differs from the base model's")
-            dec = {"peft-core": decode_fn(ours, batch, scale.decode_calls, adapter_names=names),
-                   "peft": decode_fn(theirs, batch, scale.decode_calls, adapter_names=names)}
+            dec = {"peft-core": decode_fn(ours, batch, adapter_names=names),
+                   "peft": decode_fn(theirs, batch, adapter_names=names)}
             ctx.agree(f"{count} adapters: decode logits", rel_err(dec["peft-core"][1](), dec["peft"][1]()), 1e-5)
             targets = TARGETS.get(count, {})
-            for metric, fns in (("prefill", {"peft-core": prefill_fn(ours, batch, names),
-                                             "peft": prefill_fn(theirs, batch, names)}),
-                                ("decode", {k: v[0] for k, v in dec.items()})):
-                t = alternate(fns, rounds, scale.warmup)
+            for metric, fns, n in (("prefill", {"peft-core": prefill_fn(ours, batch, names),
+                                                "peft": prefill_fn(theirs, batch, names)}, rounds * scale.fast_factor),
+                                   ("decode", {k: v[0] for k, v in dec.items()}, rounds * scale.decode_calls)):
+                t = alternate(fns, n, scale.warmup)
                 ctx.row(tag, f"mixed {metric}", fmt_s(t.median("peft-core")), fmt_s(t.median("peft")),
                         ratio=t.ratio("peft-core", "peft"), spread=t.spread("peft-core", "peft"),
                         target=targets.get(metric),

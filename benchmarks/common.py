@@ -45,7 +45,8 @@ class Scale:
     rounds: int
     warmup: int
     # B3/B4
-    decode_calls: int  # decode forwards per timed sample
+    decode_calls: int  # decode: rounds x decode_calls single-call samples, alternating call by call
+    fast_factor: int  # prefill: rounds x fast_factor samples
     mixed_batch: int
     mixed_seq: int
     mixed_counts: tuple[int, ...]
@@ -70,14 +71,14 @@ class Scale:
     threads: int = THREADS
 
 
-FULL = Scale(name="full", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=8192, batch=4,
-             seq=256, rounds=7, warmup=1, decode_calls=20, mixed_batch=32, mixed_seq=32,
+FULL = Scale(name="full", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=4096, batch=4,
+             seq=256, rounds=5, warmup=1, decode_calls=20, fast_factor=4, mixed_batch=32, mixed_seq=32,
              mixed_counts=(1, 4, 16, 32), skeleton_layers=80, set_adapter_counts=(1, 64), set_adapter_calls=200,
              merge_cycles=10, virtual_tokens=200, sst2_train_rows=4000, sst2_dev_rows=None, sst2_batch=32,
              b8_rounds=1, rss_probes=("peft-core", "peft", "floor", "full FT"), rss_dropouts=(0.0, 0.05))
 
 QUICK = Scale(name="quick", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, batch=2,
-              seq=32, rounds=1, warmup=0, decode_calls=2, mixed_batch=8, mixed_seq=8,
+              seq=32, rounds=1, warmup=0, decode_calls=2, fast_factor=1, mixed_batch=8, mixed_seq=8,
               mixed_counts=(1, 4, 16, 32), skeleton_layers=2, set_adapter_counts=(1, 16), set_adapter_calls=5,
               merge_cycles=10, virtual_tokens=200, sst2_train_rows=64, sst2_dev_rows=64, sst2_batch=16,
               b8_rounds=1, rss_probes=("peft-core", "peft"), rss_dropouts=(0.05,), threads=1)
@@ -234,9 +235,15 @@ class Timing:
         machine hit both sides of a pair alike."""
         return statistics.median(self.paired(side, ref))
 
+    def best_ratio(self, side: str, ref: str) -> float:
+        """Fastest sample over fastest sample: the other robust estimate on a shared machine (noise only adds)."""
+        return min(self.samples[side]) / min(self.samples[ref])
+
     def spread(self, side: str, ref: str) -> str:
         p = self.paired(side, ref)
-        return f"{min(p):.2f}-{max(p):.2f}" if len(p) > 1 else ""
+        if len(p) < 2:
+            return ""
+        return f"{min(p):.2f}-{max(p):.2f}; best/best {self.best_ratio(side, ref):.2f}"
 
 
 def alternate(fns: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1) -> Timing:

@@ -36,7 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="every benchmark once at tiny sizes (CI); no timing "
                     "conclusions")
     ap.add_argument("--only", default="", help="comma-separated benchmark ids, e.g. B1,B3")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 7 full, 1 quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 5 full, 1 quick)")
     ap.add_argument("--out", default=None, help="markdown report path (default: benchmarks/RESULTS.md for full "
                     "runs; none for --quick)")
     ap.add_argument("--json", default=None, help="also write every row, check and raw sample here")
@@ -120,7 +120,8 @@ def sizes(scale: object) -> str:
     return (f"B1-B4/B6/B7 llama from config: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
             f"{s.heads} heads ({s.kv_heads} kv), vocab {s.vocab}; B1/B2/B3/B7 batch {s.batch} x seq {s.seq}; "
             f"LoRA all-linear r=16 alpha 32 (B5 set_adapter: r=8); B4 batch {s.mixed_batch} x seq {s.mixed_seq} "
-            f"with {max(s.mixed_counts)} adapters loaded; decode timings average {s.decode_calls} calls; "
+            f"with {max(s.mixed_counts)} adapters loaded; decode: {s.decode_calls} x rounds single calls, "
+            "alternating call by call; "
             f"B5 skeleton {s.skeleton_layers} layers of llama-70B shape; B6 {s.merge_cycles} cycles; "
             f"B7 {s.virtual_tokens} virtual tokens; B8 {s.sst2_train_rows} SST-2 rows, batch {s.sst2_batch}, "
             f"{s.b8_rounds} round(s).")  # type: ignore[attr-defined]

@@ -1,0 +1,244 @@
+"""``python -m benchmarks.diagnose [--only dropout,nodrop,mixed,set_adapter,profile]``: micro-benchmarks and
+profiles behind DIAGNOSIS.md, i.e. *why* a target is missed. Not part of the benchmark run.
+
+Every section times alternatives side by side (median of alternating rounds, 2 threads) on the shapes of
+B1 (tokens = 4 x 256, hidden 512, intermediate 1376, r = 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .common import FULL, alternate, set_threads
+
+N, HID, INTER, R = FULL.batch * FULL.seq, FULL.hidden, FULL.intermediate, 16
+
+
+def table(title: str, fns: dict[str, Callable[[], object]], rounds: int = 9, ref: str | None = None) -> dict:
+    t = alternate(fns, rounds=rounds, warmup=2)
+    ref = ref or next(iter(fns))
+    print(f"\n## {title}\n")
+    print(f"{'variant':58s} {'median':>10s} {'vs ' + ref[:20]:>26s}")
+    for k in fns:
+        print(f"{k:58s} {t.median(k) * 1e3:8.2f} ms {t.ratio(k, ref):26.2f}")
+    return {k: t.median(k) for k in fns}
+
+
+def dropout_section(dtype: torch.dtype) -> None:
+    """Costs inside the LoRA dropout path for one layer's input (N x HID), forward + backward."""
+    from peft_lora.functional import _mask, lora_linear  # the code under study
+
+    name = str(dtype).replace("torch.", "")
+    x = torch.randn(N, HID, dtype=dtype)
+    p = 0.05
+    gen = torch.Generator().manual_seed(0)
+    ones = torch.ones_like(x)
+    table(f"mask generation, {N}x{HID} {name}", {
+        "peft-core _mask (new Generator + bernoulli_ in x dtype)": lambda: _mask(x.shape, p, 123, x.device, x.dtype),
+        "bernoulli_ on an fp32 buffer, default generator": lambda: torch.empty(x.shape).bernoulli_(1 - p),
+        "bernoulli_ in x dtype, default generator": lambda: torch.empty_like(x).bernoulli_(1 - p),
+        "torch.rand(fp32) > p (bool mask)": lambda: torch.rand(x.shape, generator=gen) > p,
+        "F.dropout(x) (what peft calls)": lambda: F.dropout(x, p, True),
+        "x * mask (one multiply, mask precomputed)": lambda: x * ones,
+    })
+    a32 = torch.randn(R, HID, requires_grad=True)
+    b32 = torch.randn(HID, R, requires_grad=True)
+    base = torch.randn(N, HID, dtype=dtype)
+
+    def ours(pp: float) -> Callable[[], None]:
+        def run() -> None:
+            xx = x.detach().requires_grad_(True)
+            out = lora_linear(base, xx, a32, b32, 2.0, pp)
+            out.sum().backward()
+        return run
+
+    def peft_like(pp: float) -> Callable[[], None]:
+        def run() -> None:  # PEFT: cast x to the adapter dtype (fp32), dropout, A, B, scale, add, cast back
+            xx = x.detach().requires_grad_(True)
+            h = F.dropout(xx.to(a32.dtype), pp, True) if pp else xx.to(a32.dtype)
+            out = (base + (h @ a32.t() @ b32.t()) * 2.0).to(dtype)
+            out.sum().backward()
+        return run
+
+    def ours_saved_mask() -> None:  # the alternative suggested: keep a 1-byte mask instead of regenerating
+        xx = x.detach().requires_grad_(True)
+        m = torch.rand(x.shape, generator=gen) > p
+        xd = xx * m * (1 / (1 - p))
+        h = xd @ a32.to(dtype).t()
+        out = torch.addmm(base, h, b32.to(dtype).t(), alpha=2.0)
+        out.sum().backward()
+
+    table(f"one LoRA branch fwd+bwd, {N}x{HID} -> r={R} -> {HID}, {name}", {
+        "peft-core p=0": ours(0.0), "peft-core p=0.05 (mask regenerated in backward)": ours(p),
+        "peft-like p=0": peft_like(0.0), "peft-like p=0.05": peft_like(p),
+        "alternative p=0.05: bool mask from torch.rand, saved": ours_saved_mask,
+    })
+
+
+def profile_step(dtype: torch.dtype, dropout: float, rows: int = 14) -> None:
+    """torch.profiler: the ops that take the time in one B1 training step, peft-core vs peft vs the floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .b1_training import make_sides, step_fn
+    from .common import token_batch
+
+    batch = token_batch(FULL)
+    sides = ("peft-core", "peft", "floor") if dropout == 0 else ("peft-core", "peft")
+    models = make_sides(FULL, dtype, dropout, sides)
+    for side, model in models.items():
+        step = step_fn(side, model, batch)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 2 / 1e3
+        print(f"\n## profile: {side}, {str(dtype).replace('torch.', '')}, dropout {dropout} "
+              f"(self CPU total {total:.0f} ms per step)\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
+def _mixed_variants(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, idx: torch.Tensor,
+                    w_base: torch.Tensor) -> dict[str, Callable[[], object]]:
+    rows, seq, _ = x.shape
+    n, out = a_stack.shape[0] - 1, b_stack.shape[1]
+    order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=n + 1).tolist()
+    a_all = a_stack[1:].reshape(n * R, -1)  # every adapter's A at once
+    b_cat = b_stack[1:].permute(1, 0, 2).reshape(out, n * R)
+
+    def gather_bmm() -> torch.Tensor:  # what mixed.py does today
+        h = torch.bmm(x, a_stack[idx].transpose(1, 2))
+        return torch.bmm(h, b_stack[idx].transpose(1, 2))
+
+    def gather_only() -> tuple[torch.Tensor, torch.Tensor]:
+        return a_stack[idx], b_stack[idx]
+
+    def grouped() -> torch.Tensor:  # rows sorted by adapter, one matmul pair per adapter on a contiguous slice
+        xs = x[order]
+        outs, start = [], 0
+        for slot in range(1, n + 1):
+            c = counts[slot]
+            if c:
+                outs.append(xs[start:start + c] @ a_stack[slot].t() @ b_stack[slot].t())
+                start += c
+        res = torch.empty(rows, seq, out)
+        res[order] = torch.cat(outs)
+        return res
+
+    def all_adapters_masked() -> torch.Tensor:  # x @ [A_1..A_n]^T, keep each row's r columns, one GEMM for B
+        h = (x @ a_all.t()).view(rows, seq, n, R)
+        keep = F.one_hot(idx - 1, n).to(x.dtype).view(rows, 1, n, 1)
+        return (h * keep).view(rows, seq, n * R) @ b_cat.t()
+
+    def base_linear() -> torch.Tensor:
+        return x @ w_base.t()
+
+    ref = gather_bmm()
+    for f in (grouped, all_adapters_masked):
+        assert torch.allclose(f(), ref, rtol=1e-3, atol=1e-2), f.__name__
+    return {"mixed.py today: gather A[rows], B[rows] + 2 bmm": gather_bmm,
+            "  of which the two gathers alone": gather_only,
+            "rows grouped by adapter, 2 matmuls per adapter": grouped,
+            "all adapters' A in one GEMM, masked, one GEMM for B": all_adapters_masked,
+            "(the base layer's own matmul, for scale)": base_linear}
+
+
+def mixed_section() -> None:
+    """Where the time of a mixed-batch LoRA layer goes (B4 shapes: 32 rows, 16 adapters, hidden 512)."""
+    rows, n = 32, 16
+    a_stack = torch.randn(n + 1, R, HID)
+    b_stack = torch.randn(n + 1, INTER, R)
+    idx = torch.arange(rows) % n + 1
+    w_base = torch.randn(INTER, HID)
+    for seq in (1, 32):
+        with torch.no_grad():
+            table(f"mixed LoRA delta for one {HID}->{INTER} layer, {rows} rows x seq {seq}, {n} adapters, r={R}",
+                  _mixed_variants(torch.randn(rows, seq, HID), a_stack, b_stack, idx, w_base))
+
+
+def set_adapter_section() -> None:
+    """What set_adapter spends its time on with 64 adapters loaded."""
+    import cProfile
+    import pstats
+
+    import peft_core
+
+    from .b1_training import LORA
+    from .common import build_llama, core_lora
+
+    model = core_lora(build_llama(FULL), adapter_name="a0", **{**LORA, "r": 8})
+    for i in range(1, 64):
+        model.add_adapter(f"a{i}", peft_core.LoraConfig(**{**LORA, "r": 8}))
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(100):
+        model.set_adapter(f"a{i % 2}")
+    pr.disable()
+    print("\n## set_adapter x100 with 64 adapters loaded (cProfile, cumulative)\n")
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(12)
+
+
+def _nodrop_variants(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    from peft_lora.functional import lora_linear
+
+    x = torch.randn(N, HID, dtype=dtype)
+    w = torch.randn(INTER, HID, dtype=dtype)
+    a32 = torch.randn(R, HID, requires_grad=True)
+    b32 = torch.randn(INTER, R, requires_grad=True)
+    a_cast = a32.detach().to(dtype).requires_grad_(True)
+    b_cast = b32.detach().to(dtype).requires_grad_(True)
+
+    def frozen() -> None:
+        xx = x.detach().requires_grad_(True)
+        F.linear(xx, w).sum().backward()
+
+    def lora() -> None:
+        xx = x.detach().requires_grad_(True)
+        lora_linear(F.linear(xx, w), xx, a32, b32, 2.0, 0.0).sum().backward()
+
+    def lora_matmuls_only() -> None:  # the same FLOPs with the weights already in the activation dtype
+        xx = x.detach().requires_grad_(True)
+        torch.addmm(F.linear(xx, w), xx @ a_cast.t(), b_cast.t(), alpha=2.0).sum().backward()
+
+    return {"frozen base layer (floor)": frozen, "peft-core lora_linear": lora,
+            "LoRA with weights pre-cast (no per-step .to)": lora_matmuls_only}
+
+
+def nodrop_section() -> None:
+    """B1 at dropout 0: the LoRA layer's cost over the frozen base layer (one 512->1376 layer)."""
+    flops_base = 2 * 2 * N * HID * INTER  # forward + input gradient
+    flops_lora = 3 * 2 * N * R * (HID + INTER)  # forward, input gradient, weight gradients of A and B
+    for dtype in (torch.float32, torch.bfloat16):
+        table(f"one {HID}->{INTER} layer fwd+bwd, {N} tokens, {str(dtype).replace('torch.', '')}: frozen vs LoRA "
+              f"(LoRA adds {100 * flops_lora / flops_base:.1f}% FLOPs)", _nodrop_variants(dtype))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="dropout,nodrop,mixed,set_adapter,profile")
+    args = ap.parse_args()
+    set_threads(2)
+    parts = args.only.split(",")
+    t0 = time.perf_counter()
+    if "dropout" in parts:
+        for dtype in (torch.float32, torch.bfloat16):
+            dropout_section(dtype)
+    if "nodrop" in parts:
+        nodrop_section()
+    if "mixed" in parts:
+        mixed_section()
+    if "set_adapter" in parts:
+        set_adapter_section()
+    if "profile" in parts:
+        profile_step(torch.bfloat16, 0.05)
+        profile_step(torch.float32, 0.0)
+    print(f"\n(diagnose: {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
