@@ -67,9 +67,20 @@ def _leaf_names(model: nn.Module) -> list[str]:
     return sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _supported(m)})
 
 
+def _saved(name: str, modules_to_save: tuple[str, ...]) -> bool:
+    """``name`` is, or is inside, a module that ``modules_to_save`` names (the core's rule: the path equals
+    an entry or ends in ``.`` + it)."""
+    dotted = f".{name}."
+    return any(f".{m}." in dotted for m in modules_to_save)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules to adapt, in model order. Raises TargetError naming the model class and
-    the module names it does have when nothing matches."""
+    the module names it does have when nothing matches.
+
+    Modules in ``modules_to_save`` (and inside another adapter's copies) are never targets, as in Hugging
+    Face PEFT: the module is trained whole, and a LoRA inside the copy would not be in PEFT's file."""
+    from peft_core.modules_to_save import ModulesToSave
     spec = config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if spec is None:
@@ -86,9 +97,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     layer_patterns: tuple[str, ...] = ((config.layers_pattern,) if isinstance(config.layers_pattern, str)
                                        else tuple(config.layers_pattern or _LAYER_NAMES))
     exclude = config.exclude_modules
+    saved = tuple(config.modules_to_save or ())
+    wrapped: list[str] = []
+    skipped_saved = False
     found: list[str] = []
     for name, module in model.named_modules():
         if not name:
+            continue
+        if isinstance(module, ModulesToSave):
+            wrapped.append(name)
+        if _saved(name, saved) or any(name == w or name.startswith(w + ".") for w in wrapped):
+            skipped_saved = True
             continue
         if all_linear:
             from .layers import supported_base
@@ -114,6 +133,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             extra = f" with layers_to_transform={config.layers_to_transform!r}"
         if exclude is not None:
             extra += f" and exclude_modules={list(exclude) if isinstance(exclude, tuple) else exclude!r}"
+        if skipped_saved:
+            extra += f" (modules_to_save={list(saved)} and their copies are never LoRA targets)"
         raise TargetError(f"target_modules={shown!r}{extra} matched no module of {type(model).__name__}; "
                           f"its adaptable layers are named {', '.join(_leaf_names(model)[:20])}")
     return found
