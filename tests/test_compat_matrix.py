@@ -89,6 +89,8 @@ def configs(model: str, method: str) -> tuple[PeftConfig, peft.PeftConfig]:
         kw.update(LORA)
         if method.startswith("lora_bias_"):
             kw["bias"] = method[len("lora_bias_"):]
+        elif method == "lora_all_linear":
+            kw["target_modules"] = "all-linear"
         elif method == "lora_patterns":
             kw.update(LORA_PATTERNS[model], use_rslora=True)
         elif method == "lora_embedding":
@@ -195,14 +197,17 @@ def test_peft_bin_files_load(model, method, tmp_path):
     assert not (tmp_path / SAVE_NAME / "adapter_model.safetensors").exists()
 
 
-#: LoRA's bias="all" / "lora_only" (base-model biases saved and loaded with the adapter), on linear layers with
-#: a classifier head (PEFT's file then also holds the head's bias under the wrapper's paths) and on Conv1D.
-BIAS_CASES = [(m, f"lora_bias_{b}") for m in ("bert_cls", "gpt2") for b in ("all", "lora_only")]
+#: More LoRA files: target_modules="all-linear" (on bert_cls it would also match pooler.dense, which is in
+#: modules_to_save and so never a target, as in PEFT); bias="all" / "lora_only" (base-model biases saved with
+#: the adapter) with a classifier head (PEFT's file then also holds the head's bias under the wrapper's paths)
+#: and on Conv1D.
+LORA_VARIANTS = ([(m, "lora_all_linear") for m in MODELS]
+                 + [(m, f"lora_bias_{b}") for m in ("bert_cls", "gpt2") for b in ("all", "lora_only")])
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("model,method", BIAS_CASES, ids=[f"{m}-{k}" for m, k in BIAS_CASES])
-def test_lora_bias_files(model, method, direction, tmp_path):
+@pytest.mark.parametrize("model,method", LORA_VARIANTS, ids=[f"{m}-{k}" for m, k in LORA_VARIANTS])
+def test_lora_variants(model, method, direction, tmp_path):
     assert run_case(model, method, direction, tmp_path) <= TOLERANCE
 
 
