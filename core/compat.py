@@ -3,7 +3,7 @@
 Files
     ``adapter_config.json``   the config's ``to_dict()``: PEFT's field names, ``peft_type``, ``task_type``.
     ``adapter_model.safetensors`` the adapter's tensors; ``adapter_model.bin`` is read (weights only).
-    ``<adapter name>/``        every adapter other than ``default`` (or the first saved) in a sub-folder.
+    ``<adapter name>/``        every adapter other than ``default`` in a sub-folder.
 
 Tensor keys (adapter name stripped on disk, put back on load, for any adapter name)
     in the model (peft-core)                         on disk (PEFT)
@@ -14,6 +14,14 @@ Tensor keys (adapter name stripped on disk, put back on load, for any adapter na
                                                      ``MethodSpec.disk_model_prefix``)
     ``adapter_modules.<name>.embedding.weight``       ``prompt_embeddings``  (prompt and prefix tuning; with
                                                      ``prefix_projection`` the file holds the projected prefix)
+    ``base_model.<p>.bias``, ``….base_layer.bias``    ``base_model.model.<p>.bias``, ``….base_layer.bias``
+                                                     (LoRA's ``bias="all"`` / ``"lora_only"``)
+
+Read but not written: PEFT's LoRA files with ``bias="all"`` repeat a ``modules_to_save`` module's bias as
+``base_model.model.<p>.modules_to_save.bias`` (loaded into the copy) and ``….original_module.bias`` (into
+the original);
+with an embedding among the targets they hold the whole base embedding (``….base_layer.weight``, loaded
+into the base model, as PEFT does).
 
 The method-specific rows are implemented by each method's plugin (``state_dict_filter`` /
 ``state_dict_load``); the core implements the ``modules_to_save`` row and the prefixes below.
