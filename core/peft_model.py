@@ -95,13 +95,28 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     return cls(model, peft_config, adapter_name)  # type: ignore[return-value]
 
 
-def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None,
-                              adapter_name: str = "default") -> dict[str, Any]:
-    """The adapter's tensors keyed as Hugging Face PEFT writes them."""
-    return model.get_adapter_state_dict(adapter_name, state_dict)
+def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto",
+                              ) -> dict[str, Any]:
+    """The adapter's tensors keyed as Hugging Face PEFT writes them.
+
+    ``unwrap_compiled`` and ``save_embedding_layers`` are accepted for PEFT compatibility: a compiled
+    wrapper is unwrapped either way, and base embedding weights are never written (save the base model
+    if you resized its vocabulary).
+    """
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return inner.get_adapter_state_dict(adapter_name, state_dict)
 
 
 def set_peft_model_state_dict(model: AdaptedModel, peft_model_state_dict: dict[str, Any],
-                              adapter_name: str = "default") -> None:
-    """Load PEFT-keyed tensors into an existing adapter (all checked before anything is copied)."""
-    model.load_adapter_state_dict(adapter_name, peft_model_state_dict)
+                              adapter_name: str = "default", **_: Any) -> Any:
+    """Load PEFT-keyed tensors into an existing adapter (all checked before anything is copied).
+
+    Returns ``(missing_keys, unexpected_keys)`` like ``load_state_dict``, both always empty: unlike
+    Hugging Face PEFT, a file with missing or unexpected tensors raises CheckpointError instead.
+    """
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    inner = getattr(model, "_orig_mod", model)
+    inner.load_adapter_state_dict(adapter_name, peft_model_state_dict)
+    return _IncompatibleKeys([], [])
