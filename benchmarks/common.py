@@ -62,7 +62,6 @@ class Scale:
     sst2_train_rows: int
     sst2_dev_rows: int | None  # None: the whole dev set
     sst2_batch: int
-    b8_rounds: int
     # peak-RSS probes (one subprocess each)
     rss_probes: tuple[str, ...]
     rss_dropouts: tuple[float, ...]
@@ -75,13 +74,13 @@ FULL = Scale(name="full", hidden=512, intermediate=1376, layers=4, heads=8, kv_h
              seq=256, rounds=5, warmup=1, decode_calls=20, fast_factor=4, mixed_batch=32, mixed_seq=32,
              mixed_counts=(1, 4, 16, 32), skeleton_layers=80, set_adapter_counts=(1, 64), set_adapter_calls=200,
              merge_cycles=10, virtual_tokens=200, sst2_train_rows=4000, sst2_dev_rows=None, sst2_batch=32,
-             b8_rounds=1, rss_probes=("peft-core", "peft", "floor", "full FT"), rss_dropouts=(0.0, 0.05))
+             rss_probes=("peft-core", "peft", "floor", "full FT"), rss_dropouts=(0.0, 0.05))
 
 QUICK = Scale(name="quick", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, batch=2,
               seq=32, rounds=1, warmup=0, decode_calls=2, fast_factor=1, mixed_batch=8, mixed_seq=8,
               mixed_counts=(1, 4, 16, 32), skeleton_layers=2, set_adapter_counts=(1, 16), set_adapter_calls=5,
               merge_cycles=10, virtual_tokens=200, sst2_train_rows=64, sst2_dev_rows=64, sst2_batch=16,
-              b8_rounds=1, rss_probes=("peft-core", "peft"), rss_dropouts=(0.05,), threads=1)
+              rss_probes=("peft-core", "peft"), rss_dropouts=(0.05,), threads=1)
 
 SCALES = {"full": FULL, "quick": QUICK}
 
