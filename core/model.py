@@ -258,12 +258,17 @@ class AdaptedModel(nn.Module):
                     module.add(adapter_name)
 
     def _update_trainable(self, *adapter_names: str) -> None:
-        params = dict(self.named_parameters())
+        # By name, one lookup each: the cost follows the adapters named here, not how many are loaded
+        # (set_adapter stays flat with 64 adapters), and names survive wrappers that swap the Parameter
+        # objects (FSDP2).
         for name in adapter_names:
             trainable = name in self._runtime.active and not self.peft_config[name].inference_mode
             for pname in self._adapter_params.get(name, ()):
-                if pname in params:
-                    params[pname].requires_grad_(trainable)
+                try:
+                    param = self.get_parameter(pname)
+                except AttributeError:  # removed since (a modules_to_save copy unwrapped, say)
+                    continue
+                param.requires_grad_(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the active ones (several at once: their effects add up, in order)."""

@@ -304,3 +304,32 @@ def test_deleting_an_older_merged_adapter_keeps_the_newer_one_exact():
     assert (model(**x).logits - only_b).abs().max() <= 1e-5
     model.unmerge_adapter()
     assert state_equal(weights, clone_state(model.unload()))
+
+
+def test_partial_merges_with_several_active_adapters_keep_outputs():
+    """Each layer memoizes which active adapters it still applies; merges of one or the other must not
+    leave a stale answer (the same active tuple, different merged sets)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False))
+    model.set_adapter(["default", "b"])
+    x = model_inputs("llama")
+    expected = model(**x).logits
+    for names in (["default"], ["b"], ["default", "b"]):
+        model.merge_adapter(names)
+        assert (model(**x).logits - expected).abs().max() <= 1e-4, names
+        model.unmerge_adapter()
+        assert torch.equal(model(**x).logits, expected), names
+
+
+def test_bf16_decode_route_matches_fp32_reference():
+    """A handful of bf16 tokens on the CPU takes an fp32 route (faster there); same maths."""
+    from peft_lora.functional import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 64).to(torch.bfloat16)
+    a, b = torch.randn(8, 64), torch.randn(32, 8)
+    base = torch.randn(3, 1, 32).to(torch.bfloat16)
+    got = lora_linear(base, x, a, b, 0.5)
+    want = (base.float() + 0.5 * (x.float() @ a.t()) @ b.t()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

@@ -57,9 +57,23 @@ class _DropoutLora(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None, None
 
 
+_HALF = (torch.bfloat16, torch.float16)
+#: Up to this many tokens, half-precision LoRA on a CPU runs in fp32 (measured crossover: 64-128 tokens
+#: for a 512-wide r=16 layer on an AVX-512/AMX Xeon, see benchmarks/diagnose.py).
+_SMALL_CPU_HALF = 64
+
+
 def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                 p: float = 0.0) -> torch.Tensor:
     """``result + scaling * B(A(dropout_p(x)))`` for linear-like layers (``a``: r x in, ``b``: out x r)."""
+    if (p == 0.0 and x.dtype in _HALF and x.device.type == "cpu" and a.dtype == torch.float32
+            and x.numel() <= _SMALL_CPU_HALF * x.shape[-1]):
+        # A few tokens (decoding) in bf16/fp16 on a CPU: half-precision GEMMs this skinny cost ~3x their
+        # fp32 equivalents (fixed kernel overhead), while the fp32 copy of so few rows is free. The result
+        # is rounded to the activation dtype as usual; only the (more precise) route differs.
+        h = x.reshape(-1, x.shape[-1]).float() @ a.t()
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).float(), h, b.t(), alpha=scaling)
+        return out.to(x.dtype).view(result.shape)
     if a.dtype != x.dtype:
         a = a.to(x.dtype)
         b = b.to(x.dtype)

@@ -64,6 +64,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
         self._restore: dict[str, Any] = {}  # merged adapter -> what unmerge needs for an exact restore
+        self._generation = 0  # bumped whenever the held or merged adapters change (invalidates _live's memo)
 
     # ---- subclass interface
     def _create(self, name: str, r: int, init: bool | str) -> None:
@@ -90,6 +91,7 @@ class LoraLayer(nn.Module):
         return list(self.r)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str) -> None:
+        self._generation += 1
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -97,22 +99,31 @@ class LoraLayer(nn.Module):
         self._create(name, r, init)
 
     def drop(self, name: str) -> None:
+        self._generation += 1
         self._restore.pop(name, None)
         for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p):
             d.pop(name, None)
         self._delete(name)
 
-    def _live(self) -> list[str]:
-        """Active adapters this layer holds and has not merged."""
+    def _live(self) -> tuple[str, ...]:
+        """Active adapters this layer holds and has not merged (memoized: this runs in every forward,
+        and decoding is dominated by such per-layer overhead)."""
         rt = self._runtime
         if rt.disabled:
-            return []
-        return [n for n in rt.active if n in self.r and n not in self._restore]
+            return ()
+        key = (rt.active, self._generation)
+        memo = self.__dict__.get("_live_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        live = tuple(n for n in rt.active if n in self.r and n not in self._restore)
+        self.__dict__["_live_memo"] = (key, live)
+        return live
 
     # ---- merging
     def merge(self, name: str, safe: bool) -> None:
         if name not in self.r or name in self._restore:
             return
+        self._generation += 1
         weight = self.base_layer.weight
         if weight.is_meta:
             raise MergeError("cannot merge on the meta device: load real weights first")
@@ -121,6 +132,7 @@ class LoraLayer(nn.Module):
             self._restore[name] = fold(weight, delta, safe=safe, where=name)
 
     def unmerge(self, name: str) -> None:
+        self._generation += 1
         token = self._restore.pop(name, None)
         if token is not None:
             with torch.no_grad():
@@ -128,6 +140,7 @@ class LoraLayer(nn.Module):
 
     def forget_merge(self, name: str) -> None:
         """Keep the merged weights; drop the restore data (merge_and_unload)."""
+        self._generation += 1
         self._restore.pop(name, None)
 
     def extra_repr(self) -> str:
