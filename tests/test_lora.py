@@ -248,7 +248,8 @@ def test_gradient_checkpointing_trains():
 
 
 def test_dropout_path_gradients_equal_reference():
-    from peft_lora.functional import _mask, lora_linear
+    """The sparse dropout route equals dense dropout built from the same dropped positions."""
+    from peft_lora.functional import _dropped_positions, lora_linear
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -256,18 +257,45 @@ def test_dropout_path_gradients_equal_reference():
     b = torch.randn(8, 4, requires_grad=True)
     base = torch.randn(3, 5, 8, requires_grad=True)
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    torch.manual_seed(123)
     out = lora_linear(base, x, a, b, 0.5, p=0.3)
-    mask = _mask(x.shape, 0.3, seed, x.device, x.dtype)
-    assert (mask == 0).any() and (mask != 0).any()
-    ref = base + 0.5 * ((x * mask) @ a.t()) @ b.t()
+    torch.manual_seed(123)
+    keep = torch.ones(x.numel())
+    keep[_dropped_positions(x.numel(), 0.3, x.device).long()] = 0
+    assert (keep == 0).any() and (keep != 0).any()
+    ref = base + 0.5 * ((x * keep.view_as(x) / 0.7) @ a.t()) @ b.t()
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, a, b, base), g)
     want = torch.autograd.grad(ref, (x, a, b, base), g)
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropped_positions_are_bernoulli(p):
+    """Geometric gaps give an i.i.d. Bernoulli(p) mask: the rate, and no clumping between neighbours."""
+    from peft_lora.functional import _dropped_positions
+
+    torch.manual_seed(0)
+    n = 1_000_000
+    pos = _dropped_positions(n, p, torch.device("cpu")).long()
+    assert pos.unique().numel() == pos.numel() and int(pos.min()) >= 0 and int(pos.max()) < n
+    assert abs(pos.numel() / n - p) < 5 * (p * (1 - p) / n) ** 0.5
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[pos] = True
+    both = (mask[1:] & mask[:-1]).float().mean().item()  # P(two neighbours dropped) = p^2 if independent
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5 + 1e-4
+
+
+def test_dropout_above_the_sparse_range_uses_plain_dropout():
+    from peft_lora.functional import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    a, b = torch.randn(4, 32), torch.randn(16, 4)
+    outs = [lora_linear(torch.zeros(64, 16), x, a, b, 1.0, p=0.9) for _ in range(2)]
+    assert not torch.equal(outs[0], outs[1])  # random, and different from no dropout:
+    assert not torch.allclose(outs[0], (x @ a.t()) @ b.t())
 
 
 def test_meta_device_injection():
