@@ -378,9 +378,40 @@ def python_overhead_section() -> None:
     pstats.Stats(pr).sort_stats("cumulative").print_stats(22)
 
 
+def virtual_tokens_section() -> None:
+    """B7's headroom: a prompt/prefix-tuning step against the frozen floor with and without 200 extra
+    tokens (the floor cannot be beaten by the method; 0.75x of PEFT may sit below it)."""
+    import peft
+    import peft_core
+
+    from .b1_training import loss_of, step_fn
+    from .common import build_llama, clone_model, token_batch
+
+    batch = token_batch(FULL)
+    long_batch = token_batch(FULL, seq=FULL.seq + FULL.virtual_tokens)
+    base = build_llama(FULL, kv_heads=FULL.heads).train()
+    floor = clone_model(base).requires_grad_(False).train()
+    fns: dict[str, Callable[[], object]] = {
+        f"floor, {FULL.seq} tokens": lambda: loss_of("floor", floor, batch).backward(),
+        f"floor, {FULL.seq + FULL.virtual_tokens} tokens": lambda: loss_of("floor", floor, long_batch).backward(),
+    }
+    for method, cls in (("prompt", "PromptTuningConfig"), ("prefix", "PrefixTuningConfig")):
+        kw = {"task_type": "CAUSAL_LM", "num_virtual_tokens": FULL.virtual_tokens}
+        if method == "prefix":
+            kw["prefix_projection"] = False
+        for lib, mod in (("peft", peft), ("peft-core", peft_core)):
+            try:
+                model = mod.get_peft_model(clone_model(base), getattr(mod, cls)(**kw)).train()
+            except Exception as e:
+                print(f"{lib} {method}: {type(e).__name__}")
+                continue
+            fns[f"{lib} {method} tuning step"] = step_fn(lib, model, batch)
+    table(f"B7 headroom: train step, batch {FULL.batch} x seq {FULL.seq}", fns, rounds=5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="dropout,nodrop,mixed,set_adapter,decode,overhead,profile")
+    ap.add_argument("--only", default="dropout,nodrop,mixed,set_adapter,decode,overhead,virtual,profile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="time with process CPU time (use with --threads 1)")
     args = ap.parse_args()
@@ -400,6 +431,8 @@ def main() -> None:
         mixed_section()
     if "set_adapter" in parts:
         set_adapter_section()
+    if "virtual" in parts:
+        virtual_tokens_section()
     if "decode" in parts:
         decode_section()
     if "overhead" in parts:

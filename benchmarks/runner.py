@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else (None if args.quick else os.path.join(REPO, "benchmarks",
                                                                                       "RESULTS.md"))
     set_threads(scale.threads)
+    tree = git_state()  # what the in-process benchmarks import and measure: read it before they start
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m benchmarks" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(
         argv if argv is not None else sys.argv[1:]))
     meta = {"date": now(), "command": cmd, "scale": scale.name, "rounds": rounds, "elapsed": elapsed,
-            "machine": machine_summary(), "versions": versions(), "git": git_state(),
+            "machine": machine_summary(), "versions": versions(), "git": _tree_note(tree, git_state()),
             "threads": scale.threads, "sizes": sizes(scale),
             "load": f"1-minute load average {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, at most "
                     f"{max(loads):.2f} between benchmarks ({os.cpu_count()} cores)"}
@@ -105,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
     return 1 if failed_checks or failed_rows else 0
+
+
+def _tree_note(start: str, end: str) -> str:
+    if start == end:
+        return start
+    return (f"{start} when the run started (what it measured; it changed to {end} during the run, which only "
+            "the peak-RSS subprocesses could have seen)")
 
 
 def loadavg() -> float:
