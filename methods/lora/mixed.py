@@ -1,10 +1,12 @@
 """Mixed-batch inference: every row of the batch through its own adapter, in two batched matmuls.
 
 Hugging Face PEFT loops over the adapters present in the batch (one gather, two matmuls and one
-scatter each). Here every adapter's A and B are stacked once (cached until the weights change),
-zero-padded to the largest rank with the scaling folded into B, and each row picks its slice:
-``delta = bmm(bmm(x, A[row].T), B[row].T)``. Rows named ``__base__`` (or adapters this layer does not
-hold) use an all-zero slot.
+scatter each, per layer). Here the rows are grouped by adapter once per call (the index is shared by
+every layer of the call), each layer's adapters are stacked once (cached until their weights change;
+zero-padded to the largest rank, the scaling folded into B), and one ``bmm`` pair runs all groups:
+``delta[k] = x[rows of k] @ A_k.T @ B_k.T``. Only activations are gathered — never a copy of the
+adapter weights per row, which cost more than the maths when decoding. Rows named ``__base__`` (or an
+adapter this layer does not hold) get no delta.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = ["mixed_linear"]
 
 def _stacks(layer: LoraLinear, present: tuple[str, ...], dtype: torch.dtype,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A: k x r_max x in, B: k x out x r_max) for the adapters ``present``, scaling folded into B."""
     versions = tuple((layer.lora_A[n].weight._version, layer.lora_B[n].weight._version,
                       id(layer.lora_A[n].weight), id(layer.lora_B[n].weight)) for n in present)
     key = (present, dtype, device, versions)
@@ -29,15 +32,37 @@ def _stacks(layer: LoraLinear, present: tuple[str, ...], dtype: torch.dtype,
     if cache is not None and cache[0] == key:
         return cache[1], cache[2]
     rmax = max(layer.r[n] for n in present)
-    a_stack = torch.zeros(len(present) + 1, rmax, layer.in_features, dtype=dtype, device=device)
-    b_stack = torch.zeros(len(present) + 1, layer.out_features, rmax, dtype=dtype, device=device)
+    a_stack = torch.zeros(len(present), rmax, layer.in_features, dtype=dtype, device=device)
+    b_stack = torch.zeros(len(present), layer.out_features, rmax, dtype=dtype, device=device)
     with torch.no_grad():
-        for i, n in enumerate(present, start=1):
+        for i, n in enumerate(present):
             r = layer.r[n]
             a_stack[i, :r] = layer.lora_A[n].weight.to(dtype)
             b_stack[i, :, :r] = layer.lora_B[n].weight.to(dtype) * layer.scaling[n]
     layer.__dict__["_mixed_cache"] = (key, a_stack, b_stack)
     return a_stack, b_stack
+
+
+def _groups(routing: Routing, present: tuple[str, ...],
+            device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row grouping shared by all layers of one call: (rows per group G, gather index (k*G) with padding
+    slots pointing at row 0, the real slots' positions in that index, and their destination rows)."""
+    key = ("lora_groups", present, device)
+    found = routing.cache.get(key)
+    if found is None:
+        members = [[i for i, n in enumerate(routing.names) if n == name] for name in present]
+        width = max(len(m) for m in members)
+        gather, slots, dest = [], [], []
+        for k, rows in enumerate(members):
+            for j in range(width):
+                gather.append(rows[j] if j < len(rows) else 0)
+                if j < len(rows):
+                    slots.append(k * width + j)
+                    dest.append(rows[j])
+        found = (width, torch.tensor(gather, device=device), torch.tensor(slots, device=device),
+                 torch.tensor(dest, device=device))
+        routing.cache[key] = found
+    return found
 
 
 def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: torch.Tensor) -> torch.Tensor:
@@ -46,17 +71,22 @@ def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: t
         from peft_core.errors import AdapterError
 
         raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has {x.shape[0]} rows")
-    present = tuple(n for n in dict.fromkeys(routing.names) if n in layer.r)
+    # which of the call's adapters this layer holds: the same answer for every layer holding the same
+    # adapters, so it is computed once per call and layer generation, not per layer (decoding is
+    # dominated by such per-layer work)
+    held_key = ("lora_present", tuple(layer.r))
+    present = routing.cache.get(held_key)
+    if present is None:
+        present = tuple(n for n in dict.fromkeys(routing.names) if n in layer.r)
+        routing.cache[held_key] = present
     if not present:
         return result
-    index_key = ("lora_rows", present, x.device)
-    rows = routing.cache.get(index_key)
-    if rows is None:
-        slot = {n: i for i, n in enumerate(present, start=1)}
-        rows = torch.tensor([slot.get(n, 0) for n in routing.names], device=x.device)
-        routing.cache[index_key] = rows
+    width, gather, slots, dest = _groups(routing, present, x.device)
     a_stack, b_stack = _stacks(layer, present, x.dtype, x.device)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    h = torch.bmm(x3, a_stack[rows].transpose(1, 2))
-    delta = torch.bmm(h, b_stack[rows].transpose(1, 2))
-    return result + delta.view(result.shape).to(result.dtype)
+    rows, tokens = x.shape[0], x[0].numel() // x.shape[-1]
+    grouped = x.reshape(rows, tokens, x.shape[-1]).index_select(0, gather)
+    grouped = grouped.view(len(present), width * tokens, x.shape[-1])
+    delta = torch.bmm(torch.bmm(grouped, a_stack.transpose(1, 2)), b_stack.transpose(1, 2))
+    delta = delta.view(len(present) * width, tokens, -1).index_select(0, slots)
+    out = result.reshape(rows, tokens, -1).index_add(0, dest, delta.to(result.dtype))
+    return out.view(result.shape)
