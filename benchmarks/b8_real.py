@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import SST2, Context, Target, Timing, fmt_s, rel_err
+from .common import GATE, SST2, Context, Target, Timing, fmt_s, rel_err
 
 LORA = {"task_type": "SEQ_CLS", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "value"]}
 LR = 1e-3
@@ -76,7 +76,9 @@ def train_epoch_alternating(models: dict[str, nn.Module], train: list[dict[str, 
     keys = list(models)
     for m in models.values():
         m.train()
+    GATE(force=True)
     for i, b in enumerate(train):
+        GATE()
         for k in keys if i % 2 == 0 else keys[::-1]:
             model, opt = models[k], opts[k]
             torch.set_rng_state(rng[k])

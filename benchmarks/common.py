@@ -245,6 +245,63 @@ class Timing:
         return f"{min(p):.2f}-{max(p):.2f}; best/best {self.best_ratio(side, ref):.2f}"
 
 
+class QuietGate:
+    """Waits, between samples, until the rest of the machine is idle enough to time anything.
+
+    On a shared box another process taking one of two cores slows a 2-thread OpenMP op far more than 2x
+    (its threads wait for each other at every barrier). Before a round (at most every ``every`` seconds)
+    the gate samples ``/proc/stat`` for ``sample`` seconds while this process is idle; if others keep
+    more than ``busy`` of all CPUs busy it sleeps and retries, up to ``max_wait`` seconds per gate.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.every, self.sample, self.busy, self.max_wait = 2.0, 0.3, 0.25, 30.0
+        self.checks = self.waits = self.gave_up = 0
+        self.waited = 0.0
+        self._last = 0.0
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields)
+
+    def busy_fraction(self) -> float:
+        b0, t0 = self._cpu()
+        time.sleep(self.sample)
+        b1, t1 = self._cpu()
+        return (b1 - b0) / max(t1 - t0, 1)
+
+    def __call__(self, force: bool = False) -> None:
+        if not self.enabled or (not force and time.perf_counter() - self._last < self.every):
+            return
+        self.checks += 1
+        start = time.perf_counter()
+        try:
+            while self.busy_fraction() > self.busy:
+                if time.perf_counter() - start > self.max_wait:
+                    self.gave_up += 1
+                    return
+                self.waits += 1
+                time.sleep(1.0)
+        except (OSError, ValueError, IndexError):
+            return
+        finally:
+            self.waited += time.perf_counter() - start
+            self._last = time.perf_counter()
+
+    def summary(self) -> str:
+        if not self.enabled:
+            return "quiet gate off"
+        return (f"quiet gate: {self.checks} checks, {self.waits} waits, {self.waited:.0f} s waited in all, "
+                f"{self.gave_up} time(s) timed anyway after {self.max_wait:.0f} s")
+
+
+GATE = QuietGate()
+
+
 def alternate(fns: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1) -> Timing:
     """Run every side once per round, in an order that flips each round (ABBA...), the garbage collector off
     while a sample runs (so no collection of another side's garbage lands in it).
@@ -258,7 +315,9 @@ def alternate(fns: dict[str, Callable[[], float | None]], rounds: int, warmup: i
             fns[k]()
     samples: dict[str, list[float]] = {k: [] for k in keys}
     gc.collect()
+    GATE(force=True)
     for r in range(rounds):
+        GATE()
         order = keys if r % 2 == 0 else keys[::-1]
         for k in order:
             gc.disable()

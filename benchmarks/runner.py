@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .common import FULL, QUICK, REPO, Context, Row, git_state, machine_summary, set_threads, versions
+from .common import FULL, GATE, QUICK, REPO, Context, Row, git_state, machine_summary, set_threads, versions
 
 BENCHES: dict[str, tuple[str, str]] = {
     "B1": ("b1_training:run_b1", "LoRA training step vs PEFT, the frozen floor and full fine-tuning"),
@@ -40,6 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="markdown report path (default: benchmarks/RESULTS.md for full "
                     "runs; none for --quick)")
     ap.add_argument("--json", default=None, help="also write every row, check and raw sample here")
+    ap.add_argument("--no-gate", action="store_true", help="full runs wait between rounds until other processes "
+                    "leave the CPUs mostly idle (see common.QuietGate); this turns that off")
     return ap.parse_args(argv)
 
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else (None if args.quick else os.path.join(REPO, "benchmarks",
                                                                                       "RESULTS.md"))
     set_threads(scale.threads)
+    GATE.enabled = not args.quick and not args.no_gate
     tree = git_state()  # what the in-process benchmarks import and measure: read it before they start
     start = time.perf_counter()
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_summary(), "versions": versions(), "git": _tree_note(tree, git_state()),
             "threads": scale.threads, "sizes": sizes(scale),
             "load": f"1-minute load average {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, at most "
-                    f"{max(loads):.2f} between benchmarks ({os.cpu_count()} cores)"}
+                    f"{max(loads):.2f} between benchmarks ({os.cpu_count()} cores); {GATE.summary()}"}
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:
