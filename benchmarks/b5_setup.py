@@ -130,7 +130,8 @@ def run_b5(ctx: Context, rounds: int) -> None:
         cfg = {**LORA, "r": 8}
         base = build_llama(scale)
         models: dict[str, nn.Module] = {}
-        for count in (lo_count, hi_count):
+        counts = sorted({lo_count, 2, hi_count})
+        for count in counts:
             theirs = peft_lora(clone_model(base), adapter_name="a0", **cfg)
             ours = core_lora(clone_model(base), adapter_name="a0", **cfg)
             sync_adapter(theirs, ours, "a0")
@@ -147,17 +148,30 @@ def run_b5(ctx: Context, rounds: int) -> None:
         with torch.no_grad():
             err = rel_err(models[f"peft-core {hi_count}"](**batch).logits, models[f"peft {hi_count}"](**batch).logits)
         ctx.agree(f"{tag}: logits after set_adapter({last!r})", err, 1e-5)
+        for m in models.values():
+            m.set_adapter("a0")
+        # the same call with 1 and with 64 adapters loaded: re-activating "a0" (equal work if flat), and a
+        # real switch a0 <-> a1 with 2 and with 64 loaded (each switch updates two adapters, not one)
         fns = {}
-        for count in (lo_count, hi_count):
-            names = ["a0", "a1"] if count > 1 else ["a0"]
-            for lib in ("peft-core", "peft"):
-                fns[f"{lib} {count}"] = set_adapter_fn(models[f"{lib} {count}"], names, scale.set_adapter_calls)
+        for lib in ("peft-core", "peft"):
+            for count in (lo_count, hi_count):
+                fns[f"{lib} {count} same"] = set_adapter_fn(models[f"{lib} {count}"], ["a0"], scale.set_adapter_calls)
+            for count in (2, hi_count):
+                fns[f"{lib} {count} switch"] = set_adapter_fn(models[f"{lib} {count}"], ["a1", "a0"],
+                                                              scale.set_adapter_calls)
         t = alternate(fns, rounds, scale.warmup)
-        hi, lo = f"peft-core {hi_count}", f"peft-core {lo_count}"
-        ctx.row(tag, f"set_adapter cost, {hi_count} vs {lo_count} loaded", fmt_s(t.median(hi)), fmt_s(t.median(lo)),
+
+        def peft_note(a: str, b: str) -> str:
+            return f"peft: {fmt_s(t.median(a))} vs {fmt_s(t.median(b))}, {t.ratio(a, b):.2f}x"
+
+        hi, lo = f"peft-core {hi_count} same", f"peft-core {lo_count} same"
+        ctx.row(tag, f"set_adapter('a0'), {hi_count} vs {lo_count} loaded", fmt_s(t.median(hi)), fmt_s(t.median(lo)),
                 f"peft-core with {lo_count} loaded", ratio=t.ratio(hi, lo), spread=t.spread(hi, lo),
                 target=Target(kind="max_ratio", value=FLAT, text=f"flat (≤{FLAT:g}x)"),
-                note=f"peft: {fmt_s(t.median(f'peft {hi_count}'))} vs {fmt_s(t.median(f'peft {lo_count}'))}, "
-                     f"{t.ratio(f'peft {hi_count}', f'peft {lo_count}'):.2f}x")
-        ctx.row(tag, f"set_adapter with {hi_count} loaded (reference)", fmt_s(t.median(hi)),
-                fmt_s(t.median(f"peft {hi_count}")), ratio=t.ratio(hi, f"peft {hi_count}"))
+                note=peft_note(f"peft {hi_count} same", f"peft {lo_count} same"))
+        hi, lo = f"peft-core {hi_count} switch", "peft-core 2 switch"
+        ctx.row(tag, f"switch a0<->a1, {hi_count} vs 2 loaded (reference)", fmt_s(t.median(hi)), fmt_s(t.median(lo)),
+                "peft-core with 2 loaded", ratio=t.ratio(hi, lo), spread=t.spread(hi, lo),
+                note=peft_note(f"peft {hi_count} switch", "peft 2 switch"))
+        ctx.row(tag, f"switch a0<->a1 with {hi_count} loaded (reference)", fmt_s(t.median(hi)),
+                fmt_s(t.median(f"peft {hi_count} switch")), ratio=t.ratio(hi, f"peft {hi_count} switch"))
