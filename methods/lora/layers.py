@@ -147,22 +147,17 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, merged={list(self._restore)}"
 
 
-class LoraLinear(LoraLayer):
-    """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored in x out)."""
+class _ModulePairLayer(LoraLayer):
+    """LoRA layers whose A and B are modules (``lora_A.<adapter>``, ``lora_B.<adapter>``)."""
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__(base_layer, runtime)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.transposed = supported_base(base_layer) == "conv1d"
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
 
-    def _create(self, name: str, r: int, init: bool | str) -> None:
-        w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
-        a = nn.Linear(self.in_features, r, bias=False, **kw)
-        b = nn.Linear(r, self.out_features, bias=False, **kw)
+    def _store(self, name: str, a: nn.Module, b: nn.Module, r: int, init: bool | str) -> None:
+        # PEFT's initialisations: B = 0 so a new adapter starts as the identity; False keeps the
+        # modules' default (random) init for both
         if init is True:
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
@@ -175,6 +170,22 @@ class LoraLinear(LoraLayer):
     def _delete(self, name: str) -> None:
         del self.lora_A[name]
         del self.lora_B[name]
+
+
+class LoraLinear(_ModulePairLayer):
+    """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored in x out)."""
+
+    def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
+        super().__init__(base_layer, runtime)
+        self.transposed = supported_base(base_layer) == "conv1d"
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+
+    def _create(self, name: str, r: int, init: bool | str) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
+                    nn.Linear(r, self.out_features, bias=False, **kw), r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.float()
@@ -270,34 +281,20 @@ class LoraEmbedding(LoraLayer):
         return result
 
 
-class LoraConv2d(LoraLayer):
+class LoraConv2d(_ModulePairLayer):
     """LoRA for ``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
 
     def __init__(self, base_layer: nn.Conv2d, runtime: AdapterRuntime) -> None:
         if base_layer.groups != 1:
             raise TargetError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
         super().__init__(base_layer, runtime)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
         kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight)}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                       bias=False, **kw)
-        b = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw)
-        if init is True:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
-        elif init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / r)
-            nn.init.zeros_(b.weight)
-        self.lora_A[name] = a
-        self.lora_B[name] = b
-
-    def _delete(self, name: str) -> None:
-        del self.lora_A[name]
-        del self.lora_B[name]
+        self._store(name, a, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.float()
