@@ -122,7 +122,13 @@ def check_sparse_dropout() -> float:
 
 def dropout_section(dtype: torch.dtype) -> None:
     """Costs inside the LoRA dropout path for one layer's input (N x HID), forward + backward."""
-    from peft_lora.functional import _mask, lora_linear  # the code under study
+    from peft_lora.functional import lora_linear  # the code under study
+
+    def _mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # fbda7cd's design, kept here for comparison: a fresh generator and a dense mask in x's dtype
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen).mul_(1 / (1 - p))
 
     name = str(dtype).replace("torch.", "")
     x = torch.randn(N, HID, dtype=dtype)
@@ -130,7 +136,8 @@ def dropout_section(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     ones = torch.ones_like(x)
     table(f"mask generation, {N}x{HID} {name}", {
-        "peft-core _mask (new Generator + bernoulli_ in x dtype)": lambda: _mask(x.shape, p, 123, x.device, x.dtype),
+        "fbda7cd _mask (new Generator + bernoulli_ in x dtype)": lambda: _mask(x.shape, p, 123, x.device, x.dtype),
+        "geometric gaps: dropped positions only": lambda: dropped_positions(x.numel(), p),
         "bernoulli_ on an fp32 buffer, default generator": lambda: torch.empty(x.shape).bernoulli_(1 - p),
         "bernoulli_ in x dtype, default generator": lambda: torch.empty_like(x).bernoulli_(1 - p),
         "torch.rand(fp32) > p (bool mask)": lambda: torch.rand(x.shape, generator=gen) > p,
@@ -170,7 +177,7 @@ def dropout_section(dtype: torch.dtype) -> None:
         out.sum().backward()
 
     table(f"one LoRA branch fwd+bwd, {N}x{HID} -> r={R} -> {HID}, {name}", {
-        "peft-core p=0": ours(0.0), "peft-core p=0.05 (mask regenerated in backward)": ours(p),
+        "peft-core p=0": ours(0.0), "peft-core p=0.05 (the tree's lora_linear)": ours(p),
         "peft-like p=0": peft_like(0.0), "peft-like p=0.05": peft_like(p),
         "alternative p=0.05: bool mask from torch.rand, saved": ours_saved_mask,
         "alternative p=0.05: sparse dropped positions (geometric gaps)": sparse_drop,

@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 def _tree_note(start: str, end: str) -> str:
     if start == end:
         return start
-    return (f"{start} when the run started (what it measured; it changed to {end} during the run, which only "
-            "the peak-RSS subprocesses could have seen)")
+    return (f"{start} when the run started (what it measured; it changed to {end} during the run: modules "
+            "already imported were not reloaded, but the peak-RSS subprocesses and modules first imported "
+            "later may have seen the change)")
 
 
 def loadavg() -> float:
