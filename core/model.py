@@ -110,6 +110,7 @@ class AdaptedModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._runtime = AdapterRuntime()
         self._adapter_params: dict[str, list[str]] = {}
+        self._slots: dict[str, list[tuple[nn.Module, str]]] = {}  # cache of _param_slots
         self._merged: list[str] = []
         self._input_hook: Any = None
         self.train(model.training)  # the wrapper starts in the mode the user's model is in
@@ -211,6 +212,7 @@ class AdaptedModel(nn.Module):
             raise
         self._match_training_mode(modules_before)
         self._adapter_params[adapter_name] = [n for n, p in self.named_parameters() if id(p) not in before]
+        self._slots.pop(adapter_name, None)
         self._update_trainable(adapter_name)
 
     def _match_training_mode(self, known: set[int]) -> None:
@@ -257,18 +259,29 @@ class AdaptedModel(nn.Module):
                 if any(path == w or path.endswith("." + w) for w in names):
                     module.add(adapter_name)
 
-    def _update_trainable(self, *adapter_names: str) -> None:
-        # By name, one lookup each: the cost follows the adapters named here, not how many are loaded
-        # (set_adapter stays flat with 64 adapters), and names survive wrappers that swap the Parameter
-        # objects (FSDP2).
-        for name in adapter_names:
-            trainable = name in self._runtime.active and not self.peft_config[name].inference_mode
-            for pname in self._adapter_params.get(name, ()):
+    def _param_slots(self, adapter_name: str) -> list[tuple[nn.Module, str]]:
+        """(owning module, attribute) of each parameter the adapter created, resolved once: the cost of
+        set_adapter follows the adapters it touches, not how many are loaded, and a slot (unlike the
+        Parameter object) survives wrappers that swap parameters in place, such as FSDP2."""
+        slots = self._slots.get(adapter_name)
+        if slots is None:
+            slots = []
+            for pname in self._adapter_params.get(adapter_name, ()):
+                path, _, leaf = pname.rpartition(".")
                 try:
-                    param = self.get_parameter(pname)
+                    slots.append((self.get_submodule(path) if path else self, leaf))
                 except AttributeError:  # removed since (a modules_to_save copy unwrapped, say)
                     continue
-                param.requires_grad_(trainable)
+            self._slots[adapter_name] = slots
+        return slots
+
+    def _update_trainable(self, *adapter_names: str) -> None:
+        for name in adapter_names:
+            trainable = name in self._runtime.active and not self.peft_config[name].inference_mode
+            for module, leaf in self._param_slots(name):
+                param = module._parameters.get(leaf)
+                if param is not None:
+                    param.requires_grad_(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the active ones (several at once: their effects add up, in order)."""
@@ -317,6 +330,7 @@ class AdaptedModel(nn.Module):
                     self.base_model.set_submodule(path, module.original_module)
         del self.peft_config[adapter_name]
         self._adapter_params.pop(adapter_name, None)
+        self._slots.pop(adapter_name, None)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -602,6 +616,7 @@ class AdaptedModel(nn.Module):
             snapshot.restore()
             self.peft_config.pop(adapter_name, None)
             self._adapter_params.pop(adapter_name, None)
+            self._slots.pop(adapter_name, None)
             raise
         if not self._runtime.active:
             self.set_adapter(adapter_name)
