@@ -361,3 +361,20 @@ def test_bf16_decode_route_matches_fp32_reference():
     want = (base.float() + 0.5 * (x.float() @ a.t()) @ b.t()).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("seq", [1, 3, 16])  # decode-like (rows grouped by adapter) and prefill (per-row)
+def test_mixed_batch_routes_equal_single_adapter_runs(seq):
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, init_lora_weights=False))
+    x = model_inputs("llama", batch=6, seq=seq)
+    single = {}
+    for name in ["default", "b"]:
+        model.set_adapter(name)
+        single[name] = model(**x).logits
+    with model.disable_adapter():
+        single["__base__"] = model(**x).logits
+    rows = ["b", "__base__", "default", "b", "b", "default"]
+    mixed = model(**x, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        assert (mixed[i] - single[name][i]).abs().max() <= 1e-5, (seq, i, name)

@@ -24,22 +24,26 @@ __all__ = ["mixed_linear"]
 
 def _stacks(layer: LoraLinear, present: tuple[str, ...], dtype: torch.dtype,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A: k x r_max x in, B: k x out x r_max) for the adapters ``present``, scaling folded into B."""
-    versions = tuple((layer.lora_A[n].weight._version, layer.lora_B[n].weight._version,
-                      id(layer.lora_A[n].weight), id(layer.lora_B[n].weight)) for n in present)
-    key = (present, dtype, device, versions)
+    """(A: k+1 x r_max x in, B: k+1 x out x r_max) for the adapters ``present`` and a zero slot, scaling
+    folded into B;
+    cached until the layer's adapters change (generation) or a weight is written (tensor versions)."""
     cache = layer.__dict__.get("_mixed_cache")
-    if cache is not None and cache[0] == key:
+    key = (present, dtype, device, layer._generation)
+    if cache is not None and cache[0] == key and all(p._version == v for p, v in cache[3]):
         return cache[1], cache[2]
     rmax = max(layer.r[n] for n in present)
-    a_stack = torch.zeros(len(present), rmax, layer.in_features, dtype=dtype, device=device)
-    b_stack = torch.zeros(len(present), layer.out_features, rmax, dtype=dtype, device=device)
+    # one extra all-zero slot at the end, for rows that get no delta (the per-row route)
+    a_stack = torch.zeros(len(present) + 1, rmax, layer.in_features, dtype=dtype, device=device)
+    b_stack = torch.zeros(len(present) + 1, layer.out_features, rmax, dtype=dtype, device=device)
+    params = []
     with torch.no_grad():
         for i, n in enumerate(present):
             r = layer.r[n]
-            a_stack[i, :r] = layer.lora_A[n].weight.to(dtype)
-            b_stack[i, :, :r] = layer.lora_B[n].weight.to(dtype) * layer.scaling[n]
-    layer.__dict__["_mixed_cache"] = (key, a_stack, b_stack)
+            a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
+            a_stack[i, :r] = a.to(dtype)
+            b_stack[i, :, :r] = b.to(dtype) * layer.scaling[n]
+            params += [(a, a._version), (b, b._version)]
+    layer.__dict__["_mixed_cache"] = (key, a_stack, b_stack, params)
     return a_stack, b_stack
 
 
@@ -65,6 +69,27 @@ def _groups(routing: Routing, present: tuple[str, ...],
     return found
 
 
+#: From this many tokens per row (prefill), gathering each row's A and B and running one bmm per row
+#: beats grouping rows by adapter (measured: 1.00 vs 2.15 ms per layer at 32 tokens, while grouping
+#: wins at decode, 0.28 vs 0.52 ms).
+_PER_ROW_MIN_TOKENS = 8
+
+
+def _per_row(routing: Routing, present: tuple[str, ...], x: torch.Tensor, a_stack: torch.Tensor,
+             b_stack: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Each row gathers its adapter's slot of the stacks (the last slot is all zeros: ``__base__`` rows
+    and adapters this layer lacks), then one bmm pair runs every row."""
+    key = ("lora_rows", present, x.device)
+    slot = routing.cache.get(key)
+    if slot is None:
+        index = {n: i for i, n in enumerate(present)}
+        slot = torch.tensor([index.get(n, len(present)) for n in routing.names], device=x.device)
+        routing.cache[key] = slot
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    delta = torch.bmm(torch.bmm(x3, a_stack[slot].transpose(1, 2)), b_stack[slot].transpose(1, 2))
+    return result + delta.view(result.shape).to(result.dtype)
+
+
 def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: torch.Tensor) -> torch.Tensor:
     # checked before anything else: a routing that names no adapter of this layer must not hide a wrong length
     if len(routing.names) != x.shape[0]:
@@ -81,12 +106,15 @@ def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: t
         routing.cache[held_key] = present
     if not present:
         return result
-    width, gather, slots, dest = _groups(routing, present, x.device)
     a_stack, b_stack = _stacks(layer, present, x.dtype, x.device)
     rows, tokens = x.shape[0], x[0].numel() // x.shape[-1]
+    if tokens >= _PER_ROW_MIN_TOKENS:
+        return _per_row(routing, present, x, a_stack, b_stack, result)
+    width, gather, slots, dest = _groups(routing, present, x.device)
     grouped = x.reshape(rows, tokens, x.shape[-1]).index_select(0, gather)
     grouped = grouped.view(len(present), width * tokens, x.shape[-1])
-    delta = torch.bmm(torch.bmm(grouped, a_stack.transpose(1, 2)), b_stack.transpose(1, 2))
+    k = len(present)
+    delta = torch.bmm(torch.bmm(grouped, a_stack[:k].transpose(1, 2)), b_stack[:k].transpose(1, 2))
     delta = delta.view(len(present) * width, tokens, -1).index_select(0, slots)
     out = result.reshape(rows, tokens, -1).index_add(0, dest, delta.to(result.dtype))
     return out.view(result.shape)
