@@ -57,6 +57,8 @@ def markdown(rows: Sequence[Row], checks: Sequence[Check], meta: dict[str, Any])
               f"{sum(r.status == 'skipped' for r in targets)} skipped, {sum(r.status == 'FAILED' for r in targets)}"
               " failed.", ""]
     lines += _table(targets)
+    lines += ["", "Why each missed target is missed, with profiles and micro-benchmarks: "
+              "[DIAGNOSIS.md](DIAGNOSIS.md).", ""]
     lines += ["", "## All measurements", ""]
     lines += _table(rows)
     lines += ["", "## Agreement checks", "", f"{sum(c.ok for c in checks)}/{len(checks)} passed.", "",
