@@ -378,3 +378,17 @@ def test_mixed_batch_routes_equal_single_adapter_runs(seq):
     mixed = model(**x, adapter_names=rows).logits
     for i, name in enumerate(rows):
         assert (mixed[i] - single[name][i]).abs().max() <= 1e-5, (seq, i, name)
+
+
+def test_base_layer_output_seen_by_a_hook_is_not_changed_afterwards():
+    """The LoRA update goes into the base output in place only when nothing else can hold that tensor."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, args, out: seen.append((out, out.clone())))
+    x = model_inputs("llama")
+    with_hook = model(**x).logits
+    handle.remove()
+    out, copy_at_hook = seen[0]
+    assert torch.equal(out, copy_at_hook)  # not modified after the hook saw it
+    assert torch.equal(model(**x).logits, with_hook)  # in place or not, same result

@@ -98,8 +98,11 @@ _SMALL_CPU_HALF = 64
 
 
 def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                p: float = 0.0) -> torch.Tensor:
-    """``result + scaling * B(A(dropout_p(x)))`` for linear-like layers (``a``: r x in, ``b``: out x r)."""
+                p: float = 0.0, inplace: bool = False) -> torch.Tensor:
+    """``result + scaling * B(A(dropout_p(x)))`` for linear-like layers (``a``: r x in, ``b``: out x r).
+
+    ``inplace``: ``result`` may be updated in place (the caller knows nothing else needs it).
+    """
     if (p == 0.0 and x.dtype in _HALF and x.device.type == "cpu" and a.dtype == torch.float32
             and x.numel() <= _SMALL_CPU_HALF * x.shape[-1]):
         # A few tokens (decoding) in bf16/fp16 on a CPU: half-precision GEMMs this skinny cost ~3x their
@@ -118,4 +121,9 @@ def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
             return _SparseDropoutLora.apply(result, x, a, b, scaling, p)
         x = torch.nn.functional.dropout(x, p, True)
     h = x.reshape(-1, x.shape[-1]) @ a.t()
+    if inplace and result.is_contiguous():
+        # the base layer's output is not needed by its own backward (plain Linear/Conv1D): adding into it
+        # saves writing a second output-sized tensor
+        result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=scaling)
+        return result
     return torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling).view(result.shape)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from peft_core.errors import MergeError, TargetError
 from peft_core.runtime import AdapterRuntime, Routing
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from .exact import fold, unfold
 from .functional import lora_linear
@@ -147,6 +148,9 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, merged={list(self._restore)}"
 
 
+_OWN_OUTPUT: tuple[type, ...] = (nn.Linear, *((_conv1d_type(),) if _conv1d_type() is not None else ()))
+
+
 class _ModulePairLayer(LoraLayer):
     """LoRA layers whose A and B are modules (``lora_A.<adapter>``, ``lora_B.<adapter>``)."""
 
@@ -202,10 +206,15 @@ class LoraLinear(_ModulePairLayer):
         if not names:
             return result
         training = self.training
+        # torch's own Linear and transformers' Conv1D keep no reference to their output for backward,
+        # so it can take the update in place; any other base layer (a quantized one, say) might, and a
+        # forward hook on the base layer may have kept the output, so then it is left alone
+        inplace = (type(self.base_layer) in _OWN_OUTPUT and not self.base_layer._forward_hooks
+                   and not _global_forward_hooks)
         for name in names:
             p = self.dropout_p[name] if training else 0.0
             result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 self.scaling[name], p)
+                                 self.scaling[name], p, inplace)
         return result
 
     def _mixed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
