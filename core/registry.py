@@ -101,6 +101,7 @@ class Registry:
         self._methods: dict[str, tuple[MethodSpec, PluginRecord]] = {}
         self._broken: list[BrokenPlugin] = []
         self._callers: dict[tuple[str, str], Any] = {}
+        self._implements: dict[tuple[str, str], bool] = {}  # both caches: until the set of plugins changes
         self._lock = threading.RLock()
         self._loaded = False
 
@@ -187,7 +188,7 @@ class Registry:
             self._records[name] = record
             for spec in methods:
                 self._methods[spec.name] = (spec, record)
-            self._callers.clear()
+            self._plugins_changed()
             return record
 
     def _is_spec(self, attr: str) -> bool:
@@ -220,7 +221,7 @@ class Registry:
             self.pm.unregister(record.plugin)
             for spec in record.methods:
                 self._methods.pop(spec.name, None)
-            self._callers.clear()
+            self._plugins_changed()
 
     @contextmanager
     def plugin(self, plugin: Any, *, name: str | None = None) -> Iterator[PluginRecord]:
@@ -299,10 +300,20 @@ class Registry:
                 self._callers[key] = found
         return found
 
+    def _plugins_changed(self) -> None:
+        self._callers.clear()
+        self._implements.clear()
+
     def implements(self, method: str, hook: str) -> bool:
-        """Whether the plugin owning ``method`` implements ``hook`` itself."""
-        owner = self.owner(method).plugin
-        return any(i.plugin is owner for i in getattr(self.pm.hook, hook).get_hookimpls())
+        """Whether the plugin owning ``method`` implements ``hook`` itself (cached: the core asks this in
+        every forward of a model with input-preparing adapters)."""
+        key = (method, hook)
+        found = self._implements.get(key)
+        if found is None:
+            owner = self.owner(method).plugin
+            found = any(i.plugin is owner for i in getattr(self.pm.hook, hook).get_hookimpls())
+            self._implements[key] = found
+        return found
 
     def call(self, method: str, hook: str, **kwargs: Any) -> Any:
         """Call ``hook`` on ``method``'s plugin. Errors raised by plugin code are re-raised as
