@@ -30,7 +30,8 @@ from .errors import (
     PluginError,
     TargetError,
 )
-from .hookspecs import hookimpl
+from .hookspecs import hookimpl, hookspec
+from .layers import AdapterLayer, MergeableLayer
 from .model import AdaptedModel
 from .peft_model import (
     PeftModel,
@@ -63,7 +64,8 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
     # the native API and the plugin contract
-    "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "get_registry",
+    "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "hookspec", "get_registry",
+    "AdapterLayer", "MergeableLayer",
     # errors
     "PeftCoreError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "MergeError",
     "MethodNotInstalledError", "PluginError", "PluginContractError",

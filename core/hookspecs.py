@@ -21,10 +21,27 @@ hooks with ``@hookimpl(wrapper=True)`` — for instance to teach LoRA a quantize
             swap_quantized_layers_for_plain_views(model)
             return (yield)
 
-Hooks other than ``declare_methods`` are ``firstresult``: the owning plugin's answer is the answer.
-A hook that returns ``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and
-``state_dict_load`` that is an error; ``merge``/``unmerge`` are only called for mergeable methods;
-``complete_config``, ``prepare_inputs`` and ``remove`` are optional.
+Hooks other than ``declare_methods`` and ``add_hookspecs`` are ``firstresult``: the first non-None
+answer is the answer (extensions are asked first, then the owning plugin). A hook that returns
+``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and ``state_dict_load`` that is
+an error; ``merge``/``unmerge`` are required of (and only called for) methods declared ``mergeable`` —
+declaring ``mergeable=True`` without both is a contract error at registration; ``complete_config``,
+``prepare_inputs``, ``remove`` and ``trained_base_parameters`` are optional, and an extension's
+implementation of one runs even when the owning plugin has none.
+
+Who may implement what
+----------------------
+Any plugin may implement any hook. A *method plugin* implements them for the adapters of the methods it
+declares, and is never called about another method's adapters. An *extension* (declares no method) is
+called about every adapter and usually wraps (``wrapper=True``) rather than answers.
+
+Plugins publish hooks of their own
+----------------------------------
+A plugin may add hook specifications from :func:`add_hookspecs`, as pytest plugins do from
+``pytest_addhooks``: LoRA publishes ``lora_make_layer`` (:mod:`peft_lora.hookspecs`), through which an
+extension teaches LoRA a new layer type. Such hooks are called through
+:attr:`peft_core.registry.Registry.hook` (``get_registry().hook.lora_make_layer(...)``) and reach every
+plugin that implements them; they are documented to the standard of this module.
 
 Shared arguments
 ----------------
@@ -42,8 +59,22 @@ State-dict namespace
 namespace: ``base_model.<path in the user's model>`` and ``adapter_modules.<adapter>.<...>`` for the
 store (see :mod:`peft_core.compat`). Keys on disk are Hugging Face PEFT's.
 
-If a hook raises during ``inject``, the core restores the model to how it was before the call and
-re-raises as :class:`~peft_core.errors.PluginError` naming the plugin and its distribution.
+Errors
+------
+If a hook raises during ``inject``, the core restores the model to how it was before the call. An
+exception raised by plugin code is re-raised as :class:`~peft_core.errors.PluginError` naming the plugin
+whose code raised (an extension's wrapper, not the method it wrapped) and its distribution; peft-core's
+own errors pass unchanged. Exceptions of the forward pass (``prepare_inputs``: the user's model or torch,
+out-of-memory, ``KeyboardInterrupt``) reach the caller as themselves, with a note naming the plugin.
+
+What ``inject`` may create, and what the core does with it
+---------------------------------------------------------
+``inject`` may replace modules of the base model by layers of its own and put modules in
+``store[adapter_name]``. Layers declare what they hold through the :class:`~peft_core.layers.AdapterLayer`
+protocol; everything under ``store[adapter_name]`` belongs to the adapter and trains. The core derives
+from those declarations which parameters the adapter owns (trainable while it is active), which base
+parameters it trains (``trained_base_parameters``), and whether mixed batches can be routed. A parameter
+that ``inject`` creates and no layer declares is a :class:`~peft_core.errors.PluginContractError`.
 """
 
 from __future__ import annotations
@@ -61,7 +92,7 @@ if TYPE_CHECKING:
     from .runtime import AdapterRuntime
     from .spec import MethodSpec
 
-__all__ = ["PROJECT", "hookimpl", "hookspec"]
+__all__ = ["PROJECT", "hookimpl", "hookspec"]  # the hook functions are the contract, not exported names
 
 PROJECT = "peft_core"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -86,6 +117,27 @@ def declare_methods() -> Sequence[MethodSpec]:
         def declare_methods():
             return [MethodSpec(name="IA3", config_cls=IA3Config, task_types=list(TaskType),
                                mergeable=True, summary="learned rescaling vectors")]
+    """
+
+
+@hookspec
+def add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Publish this plugin's own hook specifications (pytest's ``pytest_addhooks``).
+
+    When: once, as the registry registers the plugin, before any of the plugin's hooks is validated. Not
+    firstresult; the registry calls each plugin on its own. Implementations of the published hooks by
+    other plugins may be registered before or after the publisher: they are checked when discovery ends
+    (a hook no installed plugin specifies makes its implementer a broken plugin).
+
+    Returns: nothing. Call ``pluginmanager.add_hookspecs(module_or_class)``; mark the specs with
+    :data:`hookspec` and document each as this module does.
+
+    Example::
+
+        @hookimpl
+        def add_hookspecs(pluginmanager):
+            from . import hookspecs
+            pluginmanager.add_hookspecs(hookspecs)
     """
 
 
@@ -137,6 +189,29 @@ def inject(model: nn.Module, adapter_name: str, config: PeftConfig, runtime: Ada
             for n in names:
                 model.get_submodule(n).register_parameter(f"scale_{adapter_name}", ...)
             return names
+    """
+
+
+@hookspec(firstresult=True)
+def trained_base_parameters(model: nn.Module, adapter_name: str, config: PeftConfig) -> Sequence[str] | None:
+    """Name the parameters of the base model, outside the adapter's layers, that this adapter trains.
+
+    When: right after ``inject`` succeeded. Parameters of the adapter's own layers are declared by the
+    layers (:meth:`~peft_core.layers.AdapterLayer.trained_base_parameters`); this hook is for the rest,
+    such as LoRA's ``bias="all"`` (every bias of the model). The core makes each one trainable while some
+    active, trainable adapter claims it, and frozen once none does; adding, activating or deleting another
+    adapter never freezes what an active adapter trains.
+
+    Returns (firstresult): paths in the base model (``"encoder.layer.0.output.LayerNorm.bias"``), or None
+    for none. A path that names no parameter is a :class:`~peft_core.errors.PluginContractError`.
+
+    Example::
+
+        @hookimpl
+        def trained_base_parameters(model, config):
+            if config.bias == "all":
+                return [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+            return None
     """
 
 

@@ -1,38 +1,35 @@
 """AdaptedModel: a base model plus named adapters of any installed method, composed through hooks.
 
-The core never knows what a method does. It keeps the bookkeeping every method shares — adapter
-names, configs, which are active or merged, which parameters each adapter created, the
-``modules_to_save`` copies, saving and loading files — and calls the owning plugin for the rest.
+The core never knows what a method does. This module keeps the adapter lifecycle every method shares —
+adapter names, configs, which are active, adding, activating, deleting, disabling, merging, running — and
+calls the owning plugin for the rest. Its helpers each have one role: :mod:`~peft_core.ownership` (which
+parameters an adapter owns and when they train, from the layers' declarations), :mod:`~peft_core.merge_order`
+(newest-first unmerging), :mod:`~peft_core.checkpoint` (files), :mod:`~peft_core.forward` (signature,
+positional binding, mixed-batch checks).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import compat
-from .config import CONFIG_NAME, PeftConfig
+from . import checkpoint
+from .config import PeftConfig
 from .errors import AdapterError, CheckpointError, ConfigError, MergeError, PluginContractError
+from .forward import ForwardWithBaseSignature, bind_positional, check_routing
+from .merge_order import MergeStack
 from .modules_to_save import ModulesToSave, matching_module_names
+from .ownership import Ownership
 from .registry import Registry, get_registry
 from .runtime import BASE_ROW, AdapterRuntime
-from .serialization import (
-    SAFETENSORS_NAME,
-    WEIGHTS_NAME,
-    load_weights,
-    resolve_file,
-    serialize_safetensors,
-    staged_files,
-)
+from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights, resolve_file
 from .snapshot import ModuleSnapshot
 from .spec import MethodSpec
 
@@ -55,67 +52,39 @@ def _check_name(name: Any) -> str:
     return name
 
 
-def _first(items: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return f"{shown} (and {len(items) - n} more)" if len(items) > n else shown
-
-
-class _BoundForward:
-    """``model.forward`` of an AdaptedModel: calls ``_forward`` but *shows* the base model's signature
-    (plus ``adapter_names``), so tools that inspect it — the transformers Trainer choosing which dataset
-    columns to keep, say — see ``input_ids``, ``labels``... instead of ``*args, **kwargs``."""
-
-    __slots__ = ("_model",)
-
-    def __init__(self, model: AdaptedModel) -> None:
-        self._model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._model._forward(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return _signature_with_routing(type(self._model.base_model))
-
-
-class _ForwardWithBaseSignature:
-    def __get__(self, obj: AdaptedModel | None, objtype: type | None = None) -> Any:
-        if obj is None:
-            return AdaptedModel._forward
-        return _BoundForward(obj)
-
-
-@functools.lru_cache(maxsize=64)
-def _signature_with_routing(cls: type) -> inspect.Signature:
-    params = [p for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
-    routing = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        params.insert(len(params) - 1, routing)
-    else:
-        params.append(routing)
-    return inspect.Signature(params)
+def _no_extra(where: str, extra: dict[str, Any], known: str) -> None:
+    """Keywords Hugging Face PEFT does not take either: a TypeError naming them (never silently swallowed)."""
+    if extra:
+        raise TypeError(f"{where} got unexpected keyword argument(s) {', '.join(sorted(extra))}; it takes {known}")
 
 
 class AdaptedModel(nn.Module):
     """Wraps ``model`` (in place, never copied) and manages its adapters.
 
     ``AdaptedModel(model, config)`` adds ``config`` as adapter ``"default"`` and activates it.
+
+    ``autocast_adapter_dtype`` (default True, as in Hugging Face PEFT): on a bfloat16/float16 model the
+    adapters' new parameters are kept in float32; False keeps them in the base model's dtype.
+    ``low_cpu_mem_usage`` (default False): the adapters' new parameters are created on the ``meta`` device and
+    only get memory when a load fills them (``load_adapter``, ``set_peft_model_state_dict``).
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig | None = None,
-                 adapter_name: str = "default", **_: Any) -> None:
+                 adapter_name: str = "default", *, autocast_adapter_dtype: bool = True,
+                 low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         self.base_model = model
         self.adapter_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._runtime = AdapterRuntime()
-        self._adapter_params: dict[str, list[str]] = {}
-        self._slots: dict[str, list[tuple[nn.Module, str]]] = {}  # cache of _param_slots
-        self._merged: list[str] = []
+        self._ownership = Ownership(self)
+        self._merges = MergeStack(self._call)
+        self._meta_homes: dict[str, torch.device] = {}  # low_cpu_mem_usage: where each meta parameter belongs
         self._input_hook: Any = None
         self.train(model.training)  # the wrapper starts in the mode the user's model is in
         if peft_config is not None:
-            self.add_adapter(adapter_name, peft_config)
+            self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype,
+                             low_cpu_mem_usage=low_cpu_mem_usage)
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ plumbing
@@ -158,6 +127,10 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         return names
 
+    def _trains(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s parameters train now: active and not in inference mode."""
+        return adapter_name in self._runtime.active and not self.peft_config[adapter_name].inference_mode
+
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
@@ -176,8 +149,10 @@ class AdaptedModel(nn.Module):
                 config = config.replace(base_model_name_or_path=name)
         return config
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
-        """Inject a new adapter. All or nothing: if anything fails, the model is as it was."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Inject a new adapter (inactive until ``set_adapter``). All or nothing: if anything fails, the model
+        is as it was. ``low_cpu_mem_usage`` and ``autocast_adapter_dtype``: see the class docstring."""
         _check_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; delete_adapter it first or "
@@ -193,7 +168,7 @@ class AdaptedModel(nn.Module):
         snapshot = ModuleSnapshot(self)
         before = {id(p) for p in self.parameters()}
         modules_before = {id(m) for m in self.modules()}
-        self._freeze_base()
+        self._ownership.freeze_unowned(self._trains)
         self.peft_config[adapter_name] = config
         try:
             targets = self._call(adapter_name, "inject", runtime=self._runtime, store=self.adapter_modules)
@@ -206,14 +181,23 @@ class AdaptedModel(nn.Module):
                                           "contract expects a sequence of module names (str)")
             if config.modules_to_save:
                 self._add_modules_to_save(adapter_name, config.modules_to_save)
+            claims = self._call(adapter_name, "trained_base_parameters")
+            if claims is not None and (isinstance(claims, str) or not isinstance(claims, Sequence)):
+                raise PluginContractError(f"trained_base_parameters of {spec.name} returned "
+                                          f"{type(claims).__name__}; the hook contract expects a list of names")
+            self._ownership.declare(adapter_name, self.base_model, self.adapter_modules, claims, before)
         except BaseException:
             snapshot.restore()
             del self.peft_config[adapter_name]
+            self._ownership.forget(adapter_name)
             raise
         self._match_training_mode(modules_before)
-        self._adapter_params[adapter_name] = [n for n, p in self.named_parameters() if id(p) not in before]
-        self._slots.pop(adapter_name, None)
-        self._update_trainable(adapter_name)
+        self._ownership.invalidate_slots()  # wrapping may have moved other adapters' modules_to_save copies
+        if autocast_adapter_dtype:
+            self._ownership.upcast_half(adapter_name)
+        if low_cpu_mem_usage:
+            self._meta_homes.update(self._ownership.to_meta(adapter_name))
+        self._ownership.update([adapter_name], self._trains)
 
     def _match_training_mode(self, known: set[int]) -> None:
         """Modules a plugin just created start in the train/eval mode of where they were put (a new
@@ -237,14 +221,6 @@ class AdaptedModel(nn.Module):
                                       f"contract expects a {spec.config_cls.__name__} or None")
         return done
 
-    def _freeze_base(self) -> None:
-        """Only adapters train: every parameter no adapter created is frozen (plugins may then unfreeze
-        what their method trains, such as LoRA's ``bias='all'``)."""
-        owned = {n for names in self._adapter_params.values() for n in names}
-        for name, param in self.named_parameters():
-            if name not in owned:
-                param.requires_grad_(False)
-
     def _add_modules_to_save(self, adapter_name: str, names: Sequence[str]) -> None:
         for path in matching_module_names(self.base_model, names):
             module = self.base_model.get_submodule(path)
@@ -259,66 +235,45 @@ class AdaptedModel(nn.Module):
                 if any(path == w or path.endswith("." + w) for w in names):
                     module.add(adapter_name)
 
-    def _param_slots(self, adapter_name: str) -> list[tuple[nn.Module, str]]:
-        """(owning module, attribute) of each parameter the adapter created, resolved once: the cost of
-        set_adapter follows the adapters it touches, not how many are loaded, and a slot (unlike the
-        Parameter object) survives wrappers that swap parameters in place, such as FSDP2."""
-        slots = self._slots.get(adapter_name)
-        if slots is None:
-            slots = []
-            for pname in self._adapter_params.get(adapter_name, ()):
-                path, _, leaf = pname.rpartition(".")
-                try:
-                    slots.append((self.get_submodule(path) if path else self, leaf))
-                except AttributeError:  # removed since (a modules_to_save copy unwrapped, say)
-                    continue
-            self._slots[adapter_name] = slots
-        return slots
-
-    def _update_trainable(self, *adapter_names: str) -> None:
-        for name in adapter_names:
-            trainable = name in self._runtime.active and not self.peft_config[name].inference_mode
-            for module, leaf in self._param_slots(name):
-                param = module._parameters.get(leaf)
-                if param is not None:
-                    param.requires_grad_(trainable)
-
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the active ones (several at once: their effects add up, in order)."""
         if adapter_name is None:  # _require(None) means "the active ones": here it would be a silent no-op
             raise AdapterError(f"set_adapter needs an adapter name or a list of them; this model has "
                                f"{list(self.peft_config)} (use disable_adapter() to run the base model)")
         names = self._require(adapter_name)
-        if self._merged:
+        if self._merges:
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
             self.unmerge_adapter()
         previous = self._runtime.active
         self._runtime.active = tuple(dict.fromkeys(names))
-        self._update_trainable(*dict.fromkeys((*previous, *names)))
+        self._ownership.update((*previous, *names), self._trains)
         self._sync_input_hook()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting an active adapter deactivates it; if none stays active, the
         first remaining adapter becomes active (as in Hugging Face PEFT), with a warning."""
         self._require(adapter_name)
-        if adapter_name in self._merged:
-            self._unmerge_one(adapter_name)
+        if adapter_name in self._merges:
+            self._merges.unmerge(adapter_name)
+        was_active = adapter_name in self._runtime.active
+        self._runtime.active = tuple(n for n in self._runtime.active if n != adapter_name)
+        self._ownership.update([adapter_name], self._trains)  # what only it trained freezes; shared claims stay
         self._remove(adapter_name)
-        if adapter_name in self._runtime.active:
-            rest = tuple(n for n in self._runtime.active if n != adapter_name)
+        if was_active:
+            rest = self._runtime.active
             if not rest and self.peft_config:
                 rest = (next(iter(self.peft_config)),)
                 warnings.warn(f"deleted the active adapter {adapter_name!r}; {rest[0]!r} is now active",
                               stacklevel=2)
             self._runtime.active = rest
-            self._update_trainable(*rest)
+            self._ownership.update(rest, self._trains)
         self._sync_input_hook()
 
     def _remove(self, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
         if self._registry.implements(type(config).peft_type, "remove"):
             self._call(adapter_name, "remove", store=self.adapter_modules)
-        elif self._adapter_params.get(adapter_name):
+        elif self._ownership.owned(adapter_name):
             raise AdapterError(f"the {type(config).peft_type} plugin cannot remove adapters "
                                "(it does not implement the remove hook)")
         if adapter_name in self.adapter_modules:
@@ -329,43 +284,28 @@ class AdaptedModel(nn.Module):
                 if not len(module.modules_to_save):
                     self.base_model.set_submodule(path, module.original_module)
         del self.peft_config[adapter_name]
-        self._adapter_params.pop(adapter_name, None)
-        self._slots.pop(adapter_name, None)
+        for name in self._ownership.owned(adapter_name):  # its meta parameters need no home any more
+            self._meta_homes.pop(name, None)
+        self._ownership.forget(adapter_name)
+        self._ownership.invalidate_slots()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block; restores the exact previous state after."""
-        merged = list(self._merged)
+        merged = self._merges.unmerge_all()
         was = self._runtime.disabled
-        for name in reversed(merged):
-            self._unmerge_one(name)
         self._runtime.disabled = True
         try:
             yield
         finally:
             self._runtime.disabled = was
             for name in merged:
-                self._merge_one(name, safe=False)
+                self._merges.merge(name, safe=False)
 
     # ------------------------------------------------------------------ merging
-    def _merge_one(self, adapter_name: str, safe: bool) -> None:
-        self._call(adapter_name, "merge", safe=safe)
-        self._merged.append(adapter_name)
-
-    def _unmerge_one(self, adapter_name: str) -> None:
-        """Unmerge one adapter. Merges are undone newest first — a method may restore weights exactly
-        only in that order — so adapters merged after this one are unmerged and merged again."""
-        later = self._merged[self._merged.index(adapter_name) + 1:]
-        for name in reversed(later):
-            self._call(name, "unmerge")
-        self._call(adapter_name, "unmerge")
-        self._merged.remove(adapter_name)
-        for name in later:
-            self._call(name, "merge", safe=False)
-
     @property
     def merged_adapters(self) -> list[str]:
-        return list(self._merged)
+        return list(self._merges.merged)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) mergeable adapters into the base weights, reversibly.
@@ -375,17 +315,16 @@ class AdaptedModel(nn.Module):
         are skipped (a documented no-op).
         """
         for name in self._require(adapter_names):
-            if name in self._merged or not self._spec(name).mergeable:
+            if name in self._merges or not self._spec(name).mergeable:
                 continue
-            self._merge_one(name, safe=safe_merge)
+            self._merges.merge(name, safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, newest first, restoring the base weights exactly."""
-        if not self._merged:
+        if not self._merges:
             warnings.warn("unmerge_adapter: nothing is merged", stacklevel=2)
             return
-        for name in reversed(list(self._merged)):
-            self._unmerge_one(name)
+        self._merges.unmerge_all()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Sequence[str] | None = None) -> nn.Module:
@@ -397,8 +336,8 @@ class AdaptedModel(nn.Module):
                              " act on the inputs and cannot be folded into weights. Use merge_adapter() to "
                              "merge the mergeable ones and keep the wrapped model, or delete_adapter() them")
         for name in names:
-            if name not in self._merged:
-                self._merge_one(name, safe=safe_merge)
+            if name not in self._merges:
+                self._merges.merge(name, safe=safe_merge)
         return self._unload(keep_merged=True)
 
     def unload(self) -> nn.Module:
@@ -407,11 +346,14 @@ class AdaptedModel(nn.Module):
 
     def _unload(self, keep_merged: bool) -> nn.Module:
         if not keep_merged:
-            for name in reversed(list(self._merged)):
-                self._unmerge_one(name)
+            self._merges.unmerge_all()
+        active = self._runtime.active
+        self._runtime.active = ()
+        self._ownership.update(list(self.peft_config), self._trains)  # base parameters adapters trained freeze
+        self._runtime.active = active
         for name in list(self.peft_config):
             self._remove(name)  # a merged adapter's weights stay folded into the base layers
-        self._merged.clear()
+        self._merges.merged.clear()
         self._runtime.active = ()
         self._sync_input_hook()
         return self.base_model
@@ -439,7 +381,7 @@ class AdaptedModel(nn.Module):
         if not names:
             return None
         if args:
-            kwargs = {**_bind_positional(module, args), **kwargs}
+            kwargs = {**bind_positional(module, args), **kwargs}
         for name in names:
             result = self._call(name, "prepare_inputs", store=self.adapter_modules, inputs=dict(kwargs))
             if result is None:
@@ -456,21 +398,7 @@ class AdaptedModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
-            raise AdapterError("adapter_names must be a non-empty list with one adapter name per row")
-        rows = _batch_rows(args, kwargs or {})
-        if rows is not None and len(adapter_names) != rows:
-            raise AdapterError(f"adapter_names has {len(adapter_names)} entries but the batch has {rows} rows; "
-                               "give one adapter name per row")
-        unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
-        if unknown:
-            raise AdapterError(f"adapter_names has unknown adapter(s) {unknown}; this model has "
-                               f"{list(self.peft_config)} (use {BASE_ROW!r} for rows without an adapter)")
-        if self._merged:
-            raise AdapterError("adapter_names (mixed-batch inference) needs unmerged adapters; "
-                               "call unmerge_adapter() first")
-        if self.training:
-            raise AdapterError("adapter_names (mixed-batch inference) is for inference; call model.eval() first")
+        check_routing(self, adapter_names, args, kwargs or {})
         with self._runtime.route(adapter_names):
             yield
 
@@ -478,7 +406,7 @@ class AdaptedModel(nn.Module):
         with self._routed(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
-    forward = _ForwardWithBaseSignature()
+    forward = ForwardWithBaseSignature()
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routed(adapter_names, args, kwargs):
@@ -500,18 +428,7 @@ class AdaptedModel(nn.Module):
         pct = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
-    # ------------------------------------------------------------------ state dicts
-    def _mts_keys(self, adapter_name: str) -> dict[str, str]:
-        """modules_to_save: model key -> disk key, for ``adapter_name``."""
-        out = {}
-        disk_prefix = self._spec(adapter_name).disk_model_prefix  # PEFT nests prompt methods differently
-        for path, module in self.base_model.named_modules():
-            if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-                for pname, _ in module.modules_to_save[adapter_name].named_parameters():
-                    model_key = f"{compat.MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{pname}"
-                    out[model_key] = f"{disk_prefix}{path}.{pname}"
-        return out
-
+    # ------------------------------------------------------------------ files (see checkpoint.py)
     def get_adapter_state_dict(self, adapter_name: str = "default",
                                state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``save_pretrained`` writes for ``adapter_name``, keyed as on disk.
@@ -520,21 +437,12 @@ class AdaptedModel(nn.Module):
         values saved, as with Hugging Face PEFT's ``save_pretrained(state_dict=...)``).
         """
         self._require(adapter_name)
-        full = self.state_dict() if state_dict is None else state_dict
-        result = self._call(adapter_name, "state_dict_filter", store=self.adapter_modules, state_dict=full)
-        if not isinstance(result, dict):
-            raise PluginContractError(f"state_dict_filter of {type(self.peft_config[adapter_name]).peft_type}"
-                                      f" returned {type(result).__name__}; the hook contract expects a dict")
-        result = dict(result)
-        for model_key, disk_key in self._mts_keys(adapter_name).items():
-            result[disk_key] = full[model_key]
-        # FSDP2 (fully_shard) keeps each rank's shard as a DTensor; a file needs whole tensors. Gathering is
-        # a collective, so under FSDP every rank must call this (save_pretrained does, on every rank).
-        return {k: v.full_tensor() if callable(getattr(v, "full_tensor", None)) else v for k, v in result.items()}
+        return checkpoint.adapter_state_dict(self, adapter_name, state_dict)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None, is_main_process: bool | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        save_embedding_layers: str | bool = "auto", **kwargs: Any) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format).
 
         ``default`` goes to ``save_directory``, every other adapter to ``save_directory/<name>``. Each
@@ -544,32 +452,20 @@ class AdaptedModel(nn.Module):
         else True: every rank of a DDP/accelerate/FSDP job may call this, and only one writes. Adapter
         weights sharded by FSDP2 are gathered first, on every rank (see docs/distributed.md).
         ``state_dict``: take the adapter's tensors from this (the model's namespace) instead of the model.
+        ``save_embedding_layers``: PEFT's "auto"/False write no base embedding weights (peft-core never
+        resizes them); True is refused, since there is nothing peft-core changed to write.
+        ``convert_pissa_to_lora`` / ``path_initial_model_for_weight_conversion`` (PEFT's PiSSA/OLoRA
+        conversion) are refused with a TypeError naming them, as is any other keyword.
         """
-        if is_main_process is None:
-            is_main_process = not _distributed() or torch.distributed.get_rank() == 0
+        if save_embedding_layers is True:
+            raise ConfigError("save_pretrained(save_embedding_layers=True): peft-core adapters never change the "
+                              "base model's embedding layers, so there is nothing to add; save the base model "
+                              "itself if you resized its vocabulary")
+        _no_extra("save_pretrained", kwargs, "safe_serialization, selected_adapters, is_main_process, state_dict, "
+                  "save_embedding_layers")
         names = list(self.peft_config) if selected_adapters is None else self._require(selected_adapters)
-        # Every rank reads the adapter tensors (cheap: views of the live parameters) so that FSDP2 shards
-        # can be gathered, which takes all ranks; only the main process serializes and writes.
-        full = self.state_dict() if state_dict is None else state_dict  # one walk of the model for all adapters
-        gathered = {name: self.get_adapter_state_dict(name, full) for name in names}
-        if not is_main_process:
-            return
-        root = Path(save_directory)
-        if root.exists() and not root.is_dir():
-            raise CheckpointError(f"{root} exists and is not a folder")
-        payloads = []
-        for name in names:  # build every payload before touching the disk
-            config = self.peft_config[name].replace(inference_mode=True)
-            tensors = gathered[name]
-            data = (serialize_safetensors(tensors) if safe_serialization else _torch_bytes(tensors))
-            payloads.append((name, config, data))
-        # one stage for every adapter: all files are written to temporary names before any replaces its target,
-        # so a failure leaves every adapter folder as it was
-        with staged_files(root) as files:
-            for name, config, data in payloads:
-                sub = "" if name == "default" else f"{name}/"
-                files[sub + (SAFETENSORS_NAME if safe_serialization else WEIGHTS_NAME)] = data
-                files[sub + CONFIG_NAME] = config.to_json_string().encode()
+        checkpoint.save_adapters(self, save_directory, names, safe_serialization=safe_serialization,
+                                 is_main_process=is_main_process, state_dict=state_dict)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload adapter with peft-core", revision: str | None = None,
@@ -579,24 +475,18 @@ class AdaptedModel(nn.Module):
         ``api`` is an ``huggingface_hub.HfApi`` (one is made with ``token`` when omitted); the upload
         is exactly the folder ``save_pretrained`` writes.
         """
-        import tempfile
-
-        if api is None:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="peft-core-push-") as folder:
-            self.save_pretrained(folder, selected_adapters=selected_adapters)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=revision)
+        return checkpoint.push(self, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision, selected_adapters=selected_adapters, api=api)
 
     def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str = "default",
                      is_trainable: bool = False, config: PeftConfig | None = None,
-                     subfolder: str | None = None, revision: str | None = None, **hub_kwargs: Any) -> None:
+                     subfolder: str | None = None, revision: str | None = None, low_cpu_mem_usage: bool = False,
+                     autocast_adapter_dtype: bool = True, **hub_kwargs: Any) -> None:
         """Add an adapter from a folder or Hub repo written by peft-core or Hugging Face PEFT.
 
-        All or nothing: a bad file leaves the model as it was.
+        All or nothing: a bad file leaves the model as it was. ``low_cpu_mem_usage=True`` creates the
+        adapter's parameters on ``meta`` and gives them the file's values (no random init first).
+        ``hub_kwargs`` go to ``huggingface_hub`` (``token``, ``cache_dir``, ``local_files_only``...).
         """
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
@@ -609,14 +499,15 @@ class AdaptedModel(nn.Module):
                                   + (f" in subfolder {subfolder!r}" if subfolder else ""))
         weights = load_weights(path)
         snapshot = ModuleSnapshot(self)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             self.load_adapter_state_dict(adapter_name, weights, source=str(path))
         except BaseException:
             snapshot.restore()
             self.peft_config.pop(adapter_name, None)
-            self._adapter_params.pop(adapter_name, None)
-            self._slots.pop(adapter_name, None)
+            self._ownership.forget(adapter_name)
+            self._ownership.invalidate_slots()
             raise
         if not self._runtime.active:
             self.set_adapter(adapter_name)
@@ -624,69 +515,21 @@ class AdaptedModel(nn.Module):
     def load_adapter_state_dict(self, adapter_name: str, weights: dict[str, torch.Tensor],
                                 source: str = "state dict") -> None:
         """Copy disk-keyed ``weights`` into adapter ``adapter_name``; checks everything before copying."""
-        mts = {disk: model for model, disk in self._mts_keys(adapter_name).items()}
-        # PEFT's LoRA with bias="all" also writes a wrapped module's bias under the wrapper's own path, adapter
-        # name stripped (<path>.modules_to_save.bias beside <path>.bias: the same tensor); <path>.<w> wins
-        prefix, inner = self._spec(adapter_name).disk_model_prefix, f".modules_to_save.{adapter_name}."
-        aliases = {prefix + model[len(compat.MODEL_PREFIX):].replace(inner, ".modules_to_save.", 1): model
-                   for model in mts.values()}
-        rest = {k: v for k, v in weights.items() if k not in mts and k not in aliases}
-        mapped = self._call(adapter_name, "state_dict_load", store=self.adapter_modules, state_dict=rest)
-        if not isinstance(mapped, dict):
-            raise PluginContractError(f"state_dict_load of {type(self.peft_config[adapter_name]).peft_type} "
-                                      f"returned {type(mapped).__name__}; the hook contract expects a dict")
-        mapped = dict(mapped)
-        for disk, model_key in aliases.items():
-            if disk in weights:
-                mapped[model_key] = weights[disk]
-        for disk, model_key in mts.items():
-            if disk in weights:
-                mapped[model_key] = weights[disk]
-        targets = dict(self.named_parameters())
-        targets.update(self.named_buffers())
-        unexpected = sorted(k for k in mapped if k not in targets)
-        if unexpected:
-            raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) match nothing in "
-                                  f"{type(self.base_model).__name__}: {_first(unexpected)}. The adapter was "
-                                  "made for another architecture, or its keys are not in PEFT's format")
-        order = {k: i for i, k in enumerate(targets)}  # report in model order: the first mismatching modules first
-        bad_shape = [f"{k} {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
-                     for k, v in sorted(mapped.items(), key=lambda kv: order[kv[0]])
-                     if tuple(v.shape) != tuple(targets[k].shape)]
-        if bad_shape:
-            raise CheckpointError(f"{source}: {len(bad_shape)} shape mismatch(es): {_first(bad_shape)}. The "
-                                  "adapter was made for a model of another size, or with another r")
-        missing = [k for k in self._adapter_params.get(adapter_name, ()) if k not in mapped]  # model order
-        if missing:
-            raise CheckpointError(f"{source}: {len(missing)} tensor(s) of adapter {adapter_name!r} are missing "
-                                  f"from the file: {_first(missing)}")
-        # only a floating tensor fits a floating parameter: copy_ would turn ints and bools into floats silently,
-        # and drop the imaginary part of complex values
-        bad_dtype = [f"{k} ({v.dtype})" for k, v in mapped.items()
-                     if targets[k].is_floating_point() and not v.is_floating_point()]
-        if bad_dtype:
-            raise CheckpointError(f"{source}: {len(bad_dtype)} tensor(s) are not floating point, but the parameters "
-                                  f"they load into are: {_first(bad_dtype)}. The file is corrupt or not an adapter")
-        with torch.no_grad():
-            for k, v in mapped.items():
-                t = targets[k]
-                if t.is_meta:
-                    t.data = v.to(dtype=t.dtype)
-                else:
-                    t.copy_(v)
+        checkpoint.load_adapter_tensors(self, adapter_name, weights, source)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        subfolder: str | None = None, revision: str | None = None,
-                        **kwargs: Any) -> AdaptedModel:
+                        subfolder: str | None = None, revision: str | None = None, low_cpu_mem_usage: bool = False,
+                        autocast_adapter_dtype: bool = True, **kwargs: Any) -> AdaptedModel:
         """Wrap ``model`` and load the adapter saved at ``model_id`` (folder or Hub repo)."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs)
         wrapper = cls._class_for(config)(model)
         try:
             wrapper.load_adapter(model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config,
-                                 subfolder=subfolder, revision=revision, **kwargs)
+                                 subfolder=subfolder, revision=revision, low_cpu_mem_usage=low_cpu_mem_usage,
+                                 autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
         except BaseException:
             wrapper._detach()
             raise
@@ -701,38 +544,3 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
-
-
-def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The batch size of a forward/generate call, from its token ids or embeddings (None when unknown)."""
-    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return int(value.shape[0])
-    return None
-
-
-def _distributed() -> bool:
-    """Whether this process is one rank of an initialized torch.distributed job."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _torch_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
-    return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> tuple[str, ...]:
-    sig = inspect.signature(cls.forward)
-    return tuple(p.name for p in sig.parameters.values()
-                 if p.name != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-def _bind_positional(module: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
-    names = _forward_params(type(module))
-    if len(args) > len(names):
-        raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
-    return dict(zip(names, args))

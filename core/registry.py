@@ -85,6 +85,11 @@ def _selection_from_env() -> set[str] | None:
     return set() if names == {"none"} else names
 
 
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(__import__("torch"), "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
+
+
 def _first_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text.splitlines()[0] if text else type(exc).__name__
@@ -102,8 +107,10 @@ class Registry:
         self._broken: list[BrokenPlugin] = []
         self._callers: dict[tuple[str, str], Any] = {}
         self._implements: dict[tuple[str, str], bool] = {}  # both caches: until the set of plugins changes
+        self._codes: dict[Any, PluginRecord] | None = None  # hookimpl code object -> its plugin (error attribution)
         self._lock = threading.RLock()
         self._loaded = False
+        self._loading = False
 
     # ------------------------------------------------------------------ discovery
     def load_entry_points(self) -> None:
@@ -112,30 +119,49 @@ class Registry:
             if self._loaded:
                 return
             self._loaded = True
-            selection = _selection_from_env()
-            for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-                if selection is not None and ep.name not in selection:
-                    continue
-                if ep.name in self._records:
-                    continue
-                dist = getattr(ep, "dist", None)
-                dname = dist.metadata["Name"] if dist is not None else "<unknown distribution>"
-                dver = dist.version if dist is not None else "?"
+            self._loading = True
+            try:
+                self._load_selected()
+            finally:
+                self._loading = False
+            # a plugin may implement a hook that another plugin publishes (add_hookspecs), whichever loaded
+            # first: only now can a hook that nobody specifies be told from one specified later
+            for record in list(self._records.values()):
                 try:
-                    plugin = ep.load()
-                except Exception as exc:  # a broken plugin must never break the core or the CLI
-                    self._broken_or_raise(ep.name, dname, dver, exc,
-                                          f"Its code failed to import ({ep.value}). Upgrade or reinstall "
-                                          f"it (pip install -U {dname}), or uninstall it; "
-                                          f"{PLUGINS_ENV} can exclude it meanwhile.")
-                    continue
-                try:
-                    self.register(plugin, name=ep.name, distribution=dname, version=dver)
+                    self._check_specified(record.plugin, self._label(record.name, record.distribution,
+                                                                     record.version))
                 except PluginError as exc:
-                    self._broken_or_raise(ep.name, dname, dver, exc,
-                                          f"It does not fit this peft-core's hook contract; upgrade "
-                                          f"{dname} or report it to its authors; {PLUGINS_ENV} can exclude "
-                                          "it meanwhile.")
+                    self._unregister_record(record)
+                    self._broken_or_raise(record.name, record.distribution, record.version, exc,
+                                          "It implements a hook that is neither in this peft-core's hook contract "
+                                          "nor published by an installed plugin; install the plugin it extends, or "
+                                          f"upgrade {record.distribution}; {PLUGINS_ENV} can exclude it meanwhile.")
+
+    def _load_selected(self) -> None:
+        selection = _selection_from_env()
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):  # one at a time
+            if selection is not None and ep.name not in selection:
+                continue
+            if ep.name in self._records:
+                continue
+            dist = getattr(ep, "dist", None)
+            dname = dist.metadata["Name"] if dist is not None else "<unknown distribution>"
+            dver = dist.version if dist is not None else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must never break the core or the CLI
+                self._broken_or_raise(ep.name, dname, dver, exc,
+                                      f"Its code failed to import ({ep.value}). Upgrade or reinstall "
+                                      f"it (pip install -U {dname}), or uninstall it; "
+                                      f"{PLUGINS_ENV} can exclude it meanwhile.")
+                continue
+            try:
+                self.register(plugin, name=ep.name, distribution=dname, version=dver)
+            except PluginError as exc:
+                self._broken_or_raise(ep.name, dname, dver, exc,
+                                      f"It does not fit this peft-core's hook contract; upgrade "
+                                      f"{dname} or report it to its authors; {PLUGINS_ENV} can exclude "
+                                      "it meanwhile.")
 
     def _broken_or_raise(self, name: str, dist: str, version: str, exc: Exception, hint: str) -> None:
         broken = BrokenPlugin(name=name, distribution=dist, version=version, error=_first_line(exc),
@@ -154,24 +180,31 @@ class Registry:
         the contract, declares something that is not a :class:`MethodSpec`, or declares a method name
         another plugin already provides.
         """
+        if not self._loading:
+            self._ensure()  # the installed plugins first: they may publish hooks this one implements
         with self._lock:
             name = name or self.pm.get_canonical_name(plugin)
             if name in self._records or self.pm.has_plugin(name):
                 raise PluginError(f"a plugin named {name!r} is already registered "
                                   f"(from {self._records[name].distribution})" if name in self._records
                                   else f"a plugin named {name!r} is already registered")
-            label = f"plugin {name!r} ({distribution}{' ' + version if version else ''})"
+            label = self._label(name, distribution, version)
             try:
                 self.pm.register(plugin, name=name)  # pluggy >= 1.7 validates every hookimpl first
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"{label} does not match the hook contract: {exc}") from exc
             try:
-                for caller in self.pm.get_hookcallers(plugin) or []:
-                    if not caller.has_spec():
-                        known = ", ".join(sorted(n for n in dir(hookspecs) if self._is_spec(n)))
-                        raise PluginError(f"{label} implements hook {caller.name!r}, which is not in the "
-                                          f"contract (known hooks: {known})")
+                self._publish(plugin, label)
+                if not self._loading:
+                    self._check_specified(plugin, label)
                 methods = self._declared(plugin, label)
+                for spec in methods:
+                    if spec.mergeable:
+                        missing = [h for h in ("merge", "unmerge") if not self._own_impl(plugin, h)]
+                        if missing:
+                            raise PluginContractError(
+                                f"{label} declares {spec.name} mergeable=True but does not implement "
+                                f"{' and '.join(missing)}; implement both, or declare mergeable=False")
                 for spec in methods:
                     if spec.name in self._methods:
                         other = self._methods[spec.name][1]
@@ -191,8 +224,44 @@ class Registry:
             self._plugins_changed()
             return record
 
-    def _is_spec(self, attr: str) -> bool:
-        return self.pm.parse_hookspec_opts(hookspecs, attr) is not None
+    @staticmethod
+    def _label(name: str, distribution: str, version: str) -> str:
+        return f"plugin {name!r} ({distribution}{' ' + version if version else ''})"
+
+    def _own_impl(self, plugin: Any, hook: str) -> bool:
+        caller = getattr(self.pm.hook, hook, None)
+        return caller is not None and any(i.plugin is plugin for i in caller.get_hookimpls())
+
+    def _publish(self, plugin: Any, label: str) -> None:
+        """Let the plugin add its own hookspecs (``add_hookspecs``), before its hooks are checked."""
+        for impl in self.pm.hook.add_hookspecs.get_hookimpls():
+            if impl.plugin is plugin:
+                try:
+                    impl.function(pluginmanager=self.pm)
+                except pluggy.PluginValidationError as exc:
+                    raise PluginError(f"{label}: a hook it publishes does not fit an implementation already "
+                                      f"registered: {exc}") from exc
+                except Exception as exc:
+                    raise PluginError(f"{label}: add_hookspecs raised {_first_line(exc)}") from exc
+
+    def _check_specified(self, plugin: Any, label: str) -> None:
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if not caller.has_spec():
+                known = ", ".join(sorted(self.hook_names()))
+                raise PluginError(f"{label} implements hook {caller.name!r}, which is neither in the contract "
+                                  f"nor published by an installed plugin (known hooks: {known})")
+
+    def hook_names(self) -> list[str]:
+        """Every specified hook: the core's and those plugins published."""
+        return sorted(n for n, c in vars(self.pm.hook).items() if isinstance(c, pluggy.HookCaller) and c.has_spec())
+
+    @property
+    def hook(self) -> Any:
+        """The plugin manager's hook relay: call hooks that plugins published (``registry.hook.lora_make_layer(
+        module=..., ...)``). Every plugin implementing the hook is called, latest registered (extensions
+        installed over the publisher) first, as in pluggy."""
+        self._ensure()
+        return self.pm.hook
 
     def _declared(self, plugin: Any, label: str) -> list[MethodSpec]:
         impls = [i for i in self.pm.hook.declare_methods.get_hookimpls() if i.plugin is plugin]
@@ -215,13 +284,17 @@ class Registry:
     def unregister(self, name: str) -> None:
         """Remove a plugin (and its methods) registered under ``name``."""
         with self._lock:
-            record = self._records.pop(name, None)
+            record = self._records.get(name)
             if record is None:
                 raise PluginError(f"no plugin named {name!r} is registered")
-            self.pm.unregister(record.plugin)
-            for spec in record.methods:
-                self._methods.pop(spec.name, None)
-            self._plugins_changed()
+            self._unregister_record(record)
+
+    def _unregister_record(self, record: PluginRecord) -> None:
+        self._records.pop(record.name, None)
+        self.pm.unregister(record.plugin)
+        for spec in record.methods:
+            self._methods.pop(spec.name, None)
+        self._plugins_changed()
 
     @contextmanager
     def plugin(self, plugin: Any, *, name: str | None = None) -> Iterator[PluginRecord]:
@@ -244,6 +317,10 @@ class Registry:
     def plugins(self) -> list[PluginRecord]:
         self._ensure()
         return list(self._records.values())
+
+    def extensions(self) -> list[PluginRecord]:
+        """Registered plugins that declare no method (they extend or wrap others)."""
+        return [r for r in self.plugins() if not r.methods]
 
     def broken(self) -> list[BrokenPlugin]:
         self._ensure()
@@ -303,22 +380,54 @@ class Registry:
     def _plugins_changed(self) -> None:
         self._callers.clear()
         self._implements.clear()
+        self._codes = None
 
     def implements(self, method: str, hook: str) -> bool:
-        """Whether the plugin owning ``method`` implements ``hook`` itself (cached: the core asks this in
-        every forward of a model with input-preparing adapters)."""
+        """Whether a call of ``hook`` for ``method`` reaches any implementation: the owning plugin's or an
+        extension's (cached: the core asks this in every forward of a model with input-preparing adapters)."""
         key = (method, hook)
         found = self._implements.get(key)
         if found is None:
-            owner = self.owner(method).plugin
-            found = any(i.plugin is owner for i in getattr(self.pm.hook, hook).get_hookimpls())
+            found = bool(self.caller(method, hook).get_hookimpls())
             self._implements[key] = found
         return found
 
+    def _culprit(self, exc: BaseException) -> PluginRecord | None:
+        """The plugin whose hook implementation the exception came out of: the innermost traceback frame
+        that runs a registered hookimpl (so an extension's wrapper is blamed for its own errors, and the
+        owner for errors that merely passed through the wrapper)."""
+        if self._codes is None:
+            codes: dict[Any, PluginRecord] = {}
+            by_plugin = {id(r.plugin): r for r in self._records.values()}
+            for caller in vars(self.pm.hook).values():
+                if isinstance(caller, pluggy.HookCaller):
+                    for impl in caller.get_hookimpls():
+                        code = getattr(impl.function, "__code__", None)
+                        rec = by_plugin.get(id(impl.plugin))
+                        if code is not None and rec is not None:
+                            codes[code] = rec
+            self._codes = codes
+        culprit = None
+        tb = exc.__traceback__
+        while tb is not None:
+            rec = self._codes.get(tb.tb_frame.f_code)
+            if rec is not None:
+                culprit = rec
+            tb = tb.tb_next
+        return culprit
+
+    #: Hooks that run inside the user's forward pass: what they raise is the forward's error.
+    _FORWARD_HOOKS = frozenset({"prepare_inputs"})
+
     def call(self, method: str, hook: str, **kwargs: Any) -> Any:
-        """Call ``hook`` on ``method``'s plugin. Errors raised by plugin code are re-raised as
-        :class:`PluginError` naming the plugin and distribution (peft-core's own errors pass as they are,
-        since they already name their cause)."""
+        """Call ``hook`` for ``method``: on the owning plugin and every extension.
+
+        Errors raised by plugin code are re-raised as :class:`PluginError` naming the plugin whose code
+        raised, and its distribution. Passed through unchanged: peft-core's own errors (they name their
+        cause already), running out of memory, ``KeyboardInterrupt`` and other non-``Exception`` signals,
+        and anything raised in a forward-time hook (``prepare_inputs`` runs the user's model: its errors
+        are the user's to catch; a note on the exception names the plugin).
+        """
         from .errors import PeftCoreError
 
         try:
@@ -326,11 +435,25 @@ class Registry:
         except PeftCoreError:
             raise
         except Exception as exc:
-            rec = self.owner(method)
+            rec = self._culprit(exc) or self.owner(method)
+            who = f"plugin {rec.name!r} ({rec.distribution} {rec.version})"
+            if hook in self._FORWARD_HOOKS or isinstance(exc, MemoryError) or _is_oom(exc):
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"peft-core: raised while {who} ran {hook} for method {method}")
+                raise
             where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
             loc = f" at {where.filename}:{where.lineno}" if where else ""
-            raise PluginError(f"plugin {rec.name!r} ({rec.distribution} {rec.version}) raised in "
-                              f"{hook} for method {method}: {_first_line(exc)}{loc}") from exc
+            raise PluginError(f"{who} raised in {hook} for method {method}: {_first_line(exc)}{loc}") from exc
+
+    def describe_extensions(self) -> list[Mapping[str, Any]]:
+        """Rows for the extensions section of ``peft-core list-methods``."""
+        rows = []
+        for rec in self.extensions():
+            hooks = sorted(c.name for c in self.pm.get_hookcallers(rec.plugin) or [])
+            doc = (getattr(rec.plugin, "__doc__", None) or "").strip().splitlines()
+            rows.append({"plugin": rec.name, "distribution": rec.distribution, "version": rec.version,
+                         "hooks": hooks, "summary": doc[0] if doc else ""})
+        return rows
 
     def describe(self) -> list[Mapping[str, Any]]:
         """Rows for ``peft-core list-methods``."""

@@ -72,8 +72,11 @@ class Recorder:
         return wrapper
 
 
+#: Hooks the registry calls once per plugin as it registers, not per adapter.
+REGISTRATION_HOOKS = {"declare_methods", "add_hookspecs"}
+
 for _hook in HOOKS:
-    if _hook == "declare_methods":
+    if _hook in REGISTRATION_HOOKS:
         continue
     _params = list(inspect.signature(getattr(hookspecs, _hook)).parameters)
     _src = (f"def {_hook}(self, {', '.join(_params)}):\n    self.seen.append({_hook!r})\n    return (yield)\n")
@@ -95,12 +98,34 @@ def test_every_hook_is_exercised_and_wrappable(toy, tmp_path):
         model.unmerge_adapter()
         AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
         model.delete_adapter("default")
-    missing = set(HOOKS) - {"declare_methods"} - set(rec.seen)
+    missing = set(HOOKS) - REGISTRATION_HOOKS - set(rec.seen)
     assert not missing, f"hooks never exercised: {missing}"
     rec2 = Recorder()
     with reg.plugin(rec2, name="recorder2"):  # declare_methods: called when a plugin registers
         with reg.plugin(ToyPluginTwo(), name="toy2") as record:
             assert [s.name for s in record.methods] == ["TOYTWO"]
+    # add_hookspecs: called when a plugin registers, before its hooks are checked
+    published = []
+
+    class Publisher:
+        @hookimpl
+        def add_hookspecs(self, pluginmanager):
+            published.append(pluginmanager)
+            pluginmanager.add_hookspecs(PublishedSpecs)
+
+        @hookimpl
+        def toy_published(self, value):
+            return value * 2
+
+    with reg.plugin(Publisher(), name="publisher"):
+        assert published == [reg.pm] and "toy_published" in reg.hook_names()
+        assert reg.hook.toy_published(value=21) == 42
+
+
+class PublishedSpecs:
+    @hookspecs.hookspec(firstresult=True)
+    def toy_published(self, value: int) -> int:
+        """A hook a test plugin publishes."""
 
 
 class ToyTwoConfig(ToyScaleConfig):
@@ -171,7 +196,7 @@ def test_invalid_plugins_are_rejected_whole():
         def declare_methods(self):
             return ["LORA"]
 
-    with pytest.raises(PluginError, match=r"injekt.*not in the contract"):
+    with pytest.raises(PluginError, match=r"injekt.*neither in the contract"):
         reg.register(UnknownHook(), name="u")
     with pytest.raises(PluginError, match="not_an_argument"):
         reg.register(BadSignature(), name="s")

@@ -78,7 +78,8 @@ class Flaky(ToyPlugin):
         model.model.layers[0].register_forward_hook(lambda *a: None)
         model.model.layers[1].mlp.surprise = "left behind?"
         model.lm_head.weight.requires_grad_(True)
-        store[adapter_name + "_extra"] = nn.Linear(2, 2)
+        if adapter_name not in store:  # store[adapter_name] is the adapter's own (the contract)
+            store[adapter_name] = nn.ModuleDict({"extra": nn.Linear(2, 2)})
         self._fail("inject")
         return paths
 

@@ -158,7 +158,7 @@ def test_cli_reports_broken_plugins_and_keeps_working(site: Path, broken: dict[s
     assert imp["error"] == "ImportError: peft-broken-import needs libfrobnicate, which is not installed"
     assert "pip install -U peft-broken-import" in imp["hint"] and "PEFT_CORE_PLUGINS" in imp["hint"]
     assert (con["distribution"], con["version"]) == ("peft-broken-contract", "0.2.0")
-    assert "injekt" in con["error"] and "not in the contract" in con["error"]
+    assert "injekt" in con["error"] and "neither in the contract" in con["error"]
     assert "hook contract" in con["hint"] and "PEFT_CORE_PLUGINS" in con["hint"]
     table = _cli("list-methods", path=[site, broken["import"]])
     assert table.returncode == 0

@@ -25,12 +25,29 @@ class ToyScaleConfig(PeftConfig):
 
 
 class ScaledLinear(nn.Module):
+    """Implements peft-core's AdapterLayer protocol (and, on purpose, cannot route mixed batches)."""
+
+    supports_routing = False
+
     def __init__(self, base: nn.Linear, runtime: Any) -> None:
         super().__init__()
         self.base_layer = base
         self.toy_scale = nn.ParameterDict()
         self._runtime = runtime
         self.merged: dict[str, torch.Tensor] = {}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.toy_scale)
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        return {f"toy_scale.{adapter_name}": self.toy_scale[adapter_name]}
+
+    def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def trained_base_parameters(self, adapter_name: str) -> tuple[str, ...]:
+        return ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -10,7 +10,11 @@
   ``4 * p`` bytes per element of the no-dropout level, below full fine-tuning; larger rates use plain
   ``F.dropout``;
 - the maths runs in the activation dtype (adapter weights are cast, not the activations), so a bf16
-  model never makes fp32 copies of its activations.
+  model never makes fp32 copies of its activations;
+- under ``torch.autocast`` it runs in the dtype of the base layer's output (autocast's dtype for every
+  autocast-eligible base layer: what autocast would do to ``lora_B(lora_A(x))`` as modules, as in Hugging
+  Face PEFT), cast once and computed with autocast off, so the in-place add and the custom backward see a
+  single dtype; the custom function declares its autocast behaviour (``peft_core.amp.device_function``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 from typing import Any
 
 import torch
+from peft_core.amp import autocast_dtype, autocast_off, device_function
 
 __all__ = ["lora_linear"]
 
@@ -42,7 +47,14 @@ def _dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
         start = int(positions[-1])
 
 
-class _SparseDropoutLora(torch.autograd.Function):
+def _kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    kept = x2.clone()
+    kept.view(-1)[pos] = 0
+    return kept
+
+
+def _sparse_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    scaling: float, p: float) -> torch.Tensor:
     """LoRA with dropout at a fraction of a dense dropout's cost, for small ``p``.
 
     Only the ~``p * n`` dropped positions are drawn (geometric gaps) instead of ``n`` random numbers,
@@ -51,39 +63,33 @@ class _SparseDropoutLora(torch.autograd.Function):
     rebuilds it from the saved positions. Saved for backward: the positions (int32, ~``p * n``), never a
     full-size mask or dropped copy of ``x``. The ``1 / (1 - p)`` scale folds into the small matrices.
     """
+    x2 = x.reshape(-1, x.shape[-1])
+    positions = _dropped_positions(x2.numel(), p, x.device)
+    h = _kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t()
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling)
+    ctx.save_for_backward(x, a, b, h, positions)
+    ctx.p, ctx.scaling = p, scaling
+    return out.view(result.shape)
 
-    @staticmethod
-    def _kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        kept = x2.clone()
-        kept.view(-1)[pos] = 0
-        return kept
 
-    @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scaling: float, p: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        positions = _dropped_positions(x2.numel(), p, x.device)
-        h = _SparseDropoutLora._kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, a, b, h, positions)
-        ctx.p, ctx.scaling = p, scaling
-        return out.view(result.shape)
+def _sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    x, a, b, h, positions = ctx.saved_tensors
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = grad.reshape(-1, grad.shape[-1]).to(b.dtype)
+    gb = (g2 @ b).mul_(ctx.scaling / (1.0 - ctx.p))  # bottleneck gradient, with the dropout scale
+    grad_b = (g2.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
+    pos = positions.long()
+    grad_a = gb.t() @ _kept(x2, pos) if ctx.needs_input_grad[2] else None
+    grad_x = None
+    if ctx.needs_input_grad[1]:
+        grad_x = gb @ a
+        grad_x.view(-1)[pos] = 0
+        grad_x = grad_x.view(x.shape)
+    return grad, grad_x, grad_a, grad_b, None, None
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, a, b, h, positions = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gb = (g2 @ b).mul_(ctx.scaling / (1.0 - ctx.p))  # bottleneck gradient, with the dropout scale
-        grad_b = (g2.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
-        pos = positions.long()
-        grad_a = gb.t() @ _SparseDropoutLora._kept(x2, pos) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = gb @ a
-            grad_x.view(-1)[pos] = 0
-            grad_x = grad_x.view(x.shape)
-        return grad, grad_x, grad_a, grad_b, None, None
+
+#: The sparse-dropout LoRA function for a device type ("cpu", "cuda"), autocast behaviour declared.
+_sparse_dropout_lora = device_function("SparseDropoutLora", _sparse_forward, _sparse_backward)
 
 
 #: Dropout rates up to this draw only the dropped positions (measured faster than a dense mask up to
@@ -103,6 +109,16 @@ def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
 
     ``inplace``: ``result`` may be updated in place (the caller knows nothing else needs it).
     """
+    device_type = x.device.type
+    if autocast_dtype(device_type) is not None and result.is_floating_point():
+        # autocast does not cast for in-place ops nor inside a custom backward: cast once, compute with it off
+        with autocast_off(device_type):
+            return _lora_linear(result, x.to(result.dtype), a, b, scaling, p, inplace)
+    return _lora_linear(result, x, a, b, scaling, p, inplace)
+
+
+def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                 p: float, inplace: bool) -> torch.Tensor:
     if (p == 0.0 and x.dtype in _HALF and x.device.type == "cpu" and a.dtype == torch.float32
             and x.numel() <= _SMALL_CPU_HALF * x.shape[-1]):
         # A few tokens (decoding) in bf16/fp16 on a CPU: half-precision GEMMs this skinny cost ~3x their
@@ -118,7 +134,7 @@ def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
         result = result.to(x.dtype)
     if p > 0.0:
         if p <= _SPARSE_MAX_P:
-            return _SparseDropoutLora.apply(result, x, a, b, scaling, p)
+            return _sparse_dropout_lora(x.device.type).apply(result, x, a, b, scaling, p)
         x = torch.nn.functional.dropout(x, p, True)
     h = x.reshape(-1, x.shape[-1]) @ a.t()
     if inplace and result.is_contiguous():

@@ -3,6 +3,15 @@
 Parameter names follow Hugging Face PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``),
 so ``named_parameters()`` reads the same to a PEFT user. Layers read the model's
 :class:`~peft_core.AdapterRuntime` at forward time; activating or disabling adapters never walks them.
+
+Every layer implements peft-core's :class:`~peft_core.layers.AdapterLayer` protocol (what it owns, which
+base parameters an adapter trains, whether it routes mixed batches), so the core does the bookkeeping.
+New parameters are created in the base weight's dtype and device; the core then applies
+``autocast_adapter_dtype`` (fp32 adapters on half-precision models) and ``low_cpu_mem_usage``.
+
+Public for extensions (see :mod:`peft_lora.hookspecs`): :class:`LoraLayer` (the base every LoRA layer
+shares), :class:`ModulePairLayer` (A and B as modules: subclass it for a conv-like layer),
+:class:`LoraLinear` (subclass it for a Linear-like layer with another weight format).
 """
 
 from __future__ import annotations
@@ -12,15 +21,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft_core.errors import MergeError, TargetError
+from peft_core.errors import AdapterError
+from peft_core.merging import RestoreToken, added_exactly, restore_exactly
 from peft_core.runtime import AdapterRuntime, Routing
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .exact import fold, unfold
 from .functional import lora_linear
 
-__all__ = ["LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "make_layer", "supported_base"]
+__all__ = ["LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulePairLayer", "builtin_layer",
+           "supported_base"]
 
 
 def _conv1d_type() -> type | None:
@@ -32,7 +42,9 @@ def _conv1d_type() -> type | None:
 
 
 def supported_base(module: nn.Module) -> str | None:
-    """The kind of layer LoRA can adapt ("linear", "conv1d", "embedding", "conv2d"), or None."""
+    """The kind of a layer by its type ("linear", "conv1d", "embedding", "conv2d"), or None. Subclasses count
+    (a quantized ``nn.Linear`` is "linear" for ``target_modules="all-linear"``); whether LoRA's built-in
+    layers can wrap it is :func:`builtin_layer`'s question."""
     if isinstance(module, LoraLayer):
         return supported_base(module.base_layer)
     if isinstance(module, nn.Linear):
@@ -47,14 +59,20 @@ def supported_base(module: nn.Module) -> str | None:
     return None
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision models get fp32 adapters, for the optimizer's sake; the maths still runs in the
-    # activation dtype (see functional.py).
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+def _new_kw(weight: torch.Tensor) -> dict[str, Any]:
+    # like the weight they sit beside; the core keeps half-precision adapters in fp32
+    # (autocast_adapter_dtype) and moves them to meta (low_cpu_mem_usage) afterwards
+    return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
 
 
 class LoraLayer(nn.Module):
-    """Common state and merge bookkeeping of every LoRA layer."""
+    """Common state and merge bookkeeping of every LoRA layer (implements peft-core's ``AdapterLayer``).
+
+    Subclasses implement ``_create``, ``_delete``, ``delta_weight``, ``adapter_parameters`` and ``forward``.
+    """
+
+    #: Mixed batches (``adapter_names=[...]``): every built-in layer computes each row with its adapter.
+    supports_routing = True
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__()
@@ -64,7 +82,8 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
-        self._restore: dict[str, Any] = {}  # merged adapter -> what unmerge needs for an exact restore
+        self._restore: dict[str, RestoreToken] = {}  # merged adapter -> what unmerge needs for an exact restore
+        self.trains_bias: dict[str, bool] = {}  # adapter -> it trains the base layer's bias (bias != "none")
         self._generation = 0  # bumped whenever the held or merged adapters change (invalidates _live's memo)
 
     # ---- subclass interface
@@ -77,6 +96,19 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """The adapter's update in the base weight's layout and dtype-agnostic fp32."""
         raise NotImplementedError
+
+    # ---- the AdapterLayer protocol
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {}  # LoRA keeps no frozen adapter state
+
+    def trained_base_parameters(self, adapter_name: str) -> tuple[str, ...]:
+        bias = getattr(self.base_layer, "bias", None)
+        if self.trains_bias.get(adapter_name) and isinstance(bias, nn.Parameter):
+            return ("base_layer.bias",)
+        return ()
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads layer.weight keeps working
@@ -91,8 +123,10 @@ class LoraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.r)
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str) -> None:
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str,
+            trains_bias: bool = False) -> None:
         self._generation += 1
+        self.trains_bias[name] = trains_bias
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -102,7 +136,7 @@ class LoraLayer(nn.Module):
     def drop(self, name: str) -> None:
         self._generation += 1
         self._restore.pop(name, None)
-        for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p):
+        for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p, self.trains_bias):
             d.pop(name, None)
         self._delete(name)
 
@@ -126,18 +160,14 @@ class LoraLayer(nn.Module):
             return
         self._generation += 1
         weight = self.base_layer.weight
-        if weight.is_meta:
-            raise MergeError("cannot merge on the meta device: load real weights first")
-        delta = self.delta_weight(name)
         with torch.no_grad():
-            self._restore[name] = fold(weight, delta, safe=safe, where=name)
+            self._restore[name] = added_exactly(weight, self.delta_weight(name), safe=safe, adapter_name=name)
 
     def unmerge(self, name: str) -> None:
         self._generation += 1
         token = self._restore.pop(name, None)
         if token is not None:
-            with torch.no_grad():
-                unfold(self.base_layer.weight, token)
+            restore_exactly(self.base_layer.weight, token)
 
     def forget_merge(self, name: str) -> None:
         """Keep the merged weights; drop the restore data (merge_and_unload)."""
@@ -151,8 +181,9 @@ class LoraLayer(nn.Module):
 _OWN_OUTPUT: tuple[type, ...] = (nn.Linear, *((_conv1d_type(),) if _conv1d_type() is not None else ()))
 
 
-class _ModulePairLayer(LoraLayer):
-    """LoRA layers whose A and B are modules (``lora_A.<adapter>``, ``lora_B.<adapter>``)."""
+class ModulePairLayer(LoraLayer):
+    """LoRA layers whose A and B are modules (``lora_A.<adapter>``, ``lora_B.<adapter>``): subclasses build
+    the pair in ``_create`` and hand it to ``_store``."""
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__(base_layer, runtime)
@@ -175,8 +206,28 @@ class _ModulePairLayer(LoraLayer):
         del self.lora_A[name]
         del self.lora_B[name]
 
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        return {f"lora_A.{adapter_name}.weight": self.lora_A[adapter_name].weight,
+                f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight}
 
-class LoraLinear(_ModulePairLayer):
+    def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
+                     one: Any) -> torch.Tensor:
+        """A mixed batch through ``one(rows_x, adapter) -> delta``, group by group (the generic route, for
+        layers without a batched one)."""
+        if len(routing.names) != x.shape[0]:
+            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
+                               f"{x.shape[0]} rows")
+        out = result
+        for name in dict.fromkeys(routing.names):
+            if name not in self.r:
+                continue  # __base__ rows, and adapters this layer does not hold
+            rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
+            delta = one(x.index_select(0, rows), name).to(result.dtype)
+            out = out.index_add(0, rows, delta)
+        return out
+
+
+class LoraLinear(ModulePairLayer):
     """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored in x out)."""
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
@@ -186,8 +237,7 @@ class LoraLinear(_ModulePairLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
-        w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        kw = _new_kw(self.base_layer.weight)
         self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
                     nn.Linear(r, self.out_features, bias=False, **kw), r, init)
 
@@ -234,7 +284,7 @@ class LoraEmbedding(LoraLayer):
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        kw = _new_kw(w)
         a = nn.Parameter(torch.empty(r, w.shape[0], **kw))
         b = nn.Parameter(torch.empty(w.shape[1], r, **kw))
         if init is False:
@@ -252,6 +302,10 @@ class LoraEmbedding(LoraLayer):
     def _delete(self, name: str) -> None:
         del self.lora_embedding_A[name]
         del self.lora_embedding_B[name]
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        return {f"lora_embedding_A.{adapter_name}": self.lora_embedding_A[adapter_name],
+                f"lora_embedding_B.{adapter_name}": self.lora_embedding_B[adapter_name]}
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].float()
@@ -274,8 +328,6 @@ class LoraEmbedding(LoraLayer):
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
             if len(routing.names) != ids.shape[0]:
-                from peft_core.errors import AdapterError
-
                 raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
                                    f"{ids.shape[0]} rows")
             out = result.clone()
@@ -290,17 +342,15 @@ class LoraEmbedding(LoraLayer):
         return result
 
 
-class LoraConv2d(_ModulePairLayer):
+class LoraConv2d(ModulePairLayer):
     """LoRA for ``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
 
     def __init__(self, base_layer: nn.Conv2d, runtime: AdapterRuntime) -> None:
-        if base_layer.groups != 1:
-            raise TargetError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
         super().__init__(base_layer, runtime)
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
-        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight)}
+        kw = _new_kw(base.weight)
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                       bias=False, **kw)
         self._store(name, a, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
@@ -314,25 +364,36 @@ class LoraConv2d(_ModulePairLayer):
             delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
         return delta * self.scaling[name]
 
+    def _delta(self, x: torch.Tensor, name: str, p: float, dtype: torch.dtype) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        xin = F.dropout(x, p, True) if p > 0 else x
+        return b(a(xin.to(a.weight.dtype))).to(dtype) * self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        routing = self._runtime.routing()
+        if routing is not None and not self._runtime.disabled:
+            return self._routed_rows(x, routing, result, lambda rows, name: self._delta(rows, name, 0.0, result.dtype))
         training = self.training
         for name in self._live():
-            a, b = self.lora_A[name], self.lora_B[name]
-            p = self.dropout_p[name] if training else 0.0
-            xin = F.dropout(x, p, True) if p > 0 else x
-            result = result + b(a(xin.to(a.weight.dtype))).to(result.dtype) * self.scaling[name]
+            result = result + self._delta(x, name, self.dropout_p[name] if training else 0.0, result.dtype)
         return result
 
 
-def make_layer(module: nn.Module, path: str, runtime: AdapterRuntime) -> LoraLayer:
+def builtin_layer(module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | None:
+    """LoRA's own layer for ``module``, or None when LoRA's built-in layers do not handle its type: torch's
+    Linear, Embedding and Conv2d (groups=1) and transformers' Conv1D, with floating-point weights (a
+    quantized subclass of ``nn.Linear`` needs an extension plugin that knows its weight format)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
+        return None
+    if type(weight) not in (torch.Tensor, nn.Parameter):
+        return None  # a tensor subclass (torchao's quantized weights, say): not plain floats to add to
     kind = supported_base(module)
     if kind in ("linear", "conv1d"):
         return LoraLinear(module, runtime)
     if kind == "embedding":
         return LoraEmbedding(module, runtime)  # type: ignore[arg-type]
-    if kind == "conv2d":
+    if kind == "conv2d" and module.groups == 1:  # type: ignore[union-attr]
         return LoraConv2d(module, runtime)  # type: ignore[arg-type]
-    raise TargetError(f"module {path!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA "
-                      "cannot adapt; supported: torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, "
-                      "torch.nn.Conv2d. Target its linear sub-layers instead")
+    return None

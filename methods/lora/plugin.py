@@ -5,15 +5,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import pluggy
 import torch
-from peft_core import MethodSpec, TaskType, hookimpl
+from peft_core import MethodSpec, TaskType, get_registry, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
-from peft_core.errors import MergeError, TargetError
+from peft_core.errors import TargetError
+from peft_core.merging import check_finite
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
+from . import hookspecs
 from .config import LoraConfig
-from .layers import LoraLayer, make_layer, supported_base
+from .layers import LoraLayer, builtin_layer, supported_base
 from .operations import add_weighted_adapter
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
 
@@ -29,6 +32,18 @@ def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
 
 
+def _unsupported(module: nn.Module, path: str) -> TargetError:
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    hint = "Target its linear sub-layers instead, or install a plugin that teaches LoRA this layer type"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        hint = f"LoRA's built-in Conv2d layer needs groups=1 (this one has groups={module.groups})"
+    elif isinstance(module, nn.Linear):
+        hint = ("its weight is not a plain floating-point tensor (a quantized layer?): install the plugin that "
+                "teaches LoRA this layer type")
+    return TargetError(f"module {path!r} is a {kind}, which no installed plugin teaches LoRA to adapt (built in: "
+                       f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv2d). {hint}")
+
+
 class LoraPlugin:
     """LoRA (Hu et al., 2021) on Linear, Conv1D, Embedding and Conv2d layers."""
 
@@ -37,6 +52,14 @@ class LoraPlugin:
         return [MethodSpec(name="LORA", config_cls=LoraConfig, task_types=list(TaskType), mergeable=True,
                            summary="Low-rank adaptation: trains A (r x in) and B (out x r) beside frozen layers",
                            operations={"add_weighted_adapter": add_weighted_adapter})]
+
+    @hookimpl
+    def add_hookspecs(self, pluginmanager: pluggy.PluginManager) -> None:
+        pluginmanager.add_hookspecs(hookspecs)
+
+    @hookimpl(trylast=True)  # extensions that know a layer type better answer first
+    def lora_make_layer(self, module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | None:
+        return builtin_layer(module, runtime)
 
     @hookimpl
     def complete_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig | None:
@@ -63,25 +86,35 @@ class LoraPlugin:
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                runtime: AdapterRuntime) -> list[str]:
         targets = find_targets(model, config)
-        # check every target before changing anything: a bad one leaves the model untouched
-        modules = {}
+        # a layer for every target before changing anything: an unsupported one leaves the model untouched
+        make = get_registry().hook.lora_make_layer
+        layers: dict[str, LoraLayer] = {}
         for path in targets:
             module = model.get_submodule(path)
-            if supported_base(module) is None:
-                make_layer(module, path, runtime)  # raises TargetError naming the module and its type
-            modules[path] = module
-        for path, module in modules.items():
-            layer = module if isinstance(module, LoraLayer) else make_layer(module, path, runtime)
+            layer = module if isinstance(module, LoraLayer) else make(module=module, path=path, runtime=runtime,
+                                                                      config=config)
+            if layer is None:
+                raise _unsupported(module, path)
+            if not isinstance(layer, LoraLayer) or (layer is not module and layer.base_layer is not module):
+                raise TargetError(f"lora_make_layer returned {type(layer).__name__} for {path!r}; the hook contract "
+                                  "expects a peft_lora.LoraLayer whose base_layer is the module")
+            layers[path] = layer
+        for path, layer in layers.items():
             r, alpha = rank_and_alpha(config, path)
-            layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
-            if layer is not module:
+            layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                      trains_bias=config.bias != "none")
+            if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
-        if config.bias != "none" and not config.inference_mode:
-            for name, param in model.named_parameters():
-                if name.endswith("bias") and ".lora_" not in name and (
-                        config.bias == "all" or any(name == f"{t}.base_layer.bias" for t in targets)):
-                    param.requires_grad_(True)
         return targets
+
+    @hookimpl
+    def trained_base_parameters(self, model: nn.Module, config: LoraConfig) -> list[str] | None:
+        """``bias="all"`` trains every bias of the model (``"lora_only"``: the adapted layers' biases, which
+        the layers declare themselves)."""
+        if config.bias != "all":
+            return None
+        return [n for n, _ in model.named_parameters() if n.endswith("bias") and ".lora_" not in n
+                and ".modules_to_save." not in n and ".original_module." not in n]
 
     @hookimpl
     def state_dict_filter(self, adapter_name: str, config: LoraConfig,
@@ -123,6 +156,10 @@ class LoraPlugin:
                     m = _DISK_EMB.search(model_key)
                     if m is not None:
                         model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}"
+            if ".modules_to_save." in model_key:
+                # PEFT's bias="all" files repeat a modules_to_save copy's bias as <path>.modules_to_save.bias
+                # (adapter name stripped); the core has taken the copy's own keys out already
+                model_key = model_key.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.", 1)
             out[model_key] = value
         return out
 
@@ -132,9 +169,7 @@ class LoraPlugin:
         if safe:  # check everything before folding anything
             for path, layer in layers:
                 w = layer.base_layer.weight
-                if not torch.isfinite(w.detach().float() + layer.delta_weight(adapter_name).to(w.device)).all():
-                    raise MergeError(f"safe_merge: adapter {adapter_name!r} would put NaN/Inf into {path}; "
-                                     "the model was not changed")
+                check_finite(w.detach().float() + layer.delta_weight(adapter_name).to(w.device), adapter_name, path)
         done = []
         try:
             for _, layer in layers:

@@ -6,8 +6,11 @@ An output-side vector has shape ``(out_features, 1)`` and scales the layer's out
 names and shapes, so ``named_parameters()`` and the saved tensors read the same.
 
 Merging multiplies the weight (and, output side, the bias) by the vector. Dividing back does not always
-give the original bits, so a merge also records the few elements where it would not (see
-:class:`_Restore`), and unmerge restores the base weights bit for bit.
+give the original bits, so merges go through peft-core's exact-restore helpers (:mod:`peft_core.merging`),
+and unmerge restores the base weights bit for bit.
+
+The layer implements peft-core's ``AdapterLayer`` protocol (``adapter_parameters`` & co.), which is how the
+core knows what each adapter owns and that mixed batches can be routed through it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from peft_core.errors import AdapterError, MergeError, TargetError
+from peft_core.errors import AdapterError, TargetError
+from peft_core.merging import RestoreToken, check_finite, replace_exactly, restore_exactly
 from peft_core.runtime import AdapterRuntime, Routing
 from torch import nn
 
 __all__ = ["IA3Layer", "base_kind", "warn_layout"]
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _conv1d_type() -> type | None:
@@ -48,62 +51,10 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision models get fp32 vectors, for the optimizer's sake (PEFT's autocast_adapter_dtype does
-    # the same); the product is cast back to the activation dtype.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as integers: comparing these tells -0.0 from 0.0 and NaN from NaN."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
-
-
-class _Restore:
-    """What unmerge needs to restore one tensor exactly, for a merge of ``t * scale``.
-
-    Unmerging divides by the same ``scale`` and then puts back the elements where the division does not
-    reproduce the original bits: their flat indices and original values. For vectors near 1 that is about
-    one element in ten to twenty, so this costs 15-30% of a copy of the weight (measured for fp32 and bf16);
-    a vector with zeros, which makes every element it touched unrecoverable by division, falls back to a
-    plain copy whenever that is smaller.
-    """
-
-    __slots__ = ("index", "scale", "values")
-
-    def __init__(self, original: torch.Tensor, merged: torch.Tensor, scale: torch.Tensor) -> None:
-        self.scale = scale.detach().clone()
-        differ = (_bits(self.divide(merged)) != _bits(original)).reshape(-1)
-        index = torch.nonzero(differ).squeeze(1)
-        # int32 indices halve the cost whenever they can address the whole tensor
-        index = index.to(torch.int32) if original.numel() < 2**31 else index
-        sparse = index.numel() * (index.element_size() + original.element_size())
-        if sparse >= original.numel() * original.element_size():
-            self.index: torch.Tensor | None = None
-            self.values = original.detach().clone()
-        else:
-            self.index = index
-            self.values = original.reshape(-1)[index].clone()
-
-    def divide(self, merged: torch.Tensor) -> torch.Tensor:
-        scale = self.scale.to(merged.device)
-        return (merged / scale).to(merged.dtype)
-
-    def undo(self, tensor: torch.Tensor) -> None:
-        if self.index is None:
-            tensor.data.copy_(self.values.to(tensor.device))
-            return
-        restored = self.divide(tensor.detach()).reshape(-1)
-        restored[self.index.to(restored.device, torch.long)] = self.values.to(restored.device)
-        tensor.data.copy_(restored.view(tensor.shape))
-
-    def nbytes(self) -> int:
-        held = [t for t in (self.index, self.values, self.scale) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
-
-
 class IA3Layer(nn.Module):
     """(IA)^3 on one ``nn.Linear`` or ``Conv1D``, with any number of adapters."""
+
+    supports_routing = True  # _mixed computes each row with its own vector
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime, path: str = "") -> None:
         kind = base_kind(base_layer)
@@ -120,7 +71,7 @@ class IA3Layer(nn.Module):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
         self.feedforward: dict[str, bool] = {}
         # merged adapters, oldest first, each with the restore data of its weight and bias
-        self._merged: list[tuple[str, _Restore, _Restore | None]] = []
+        self._merged: list[tuple[str, RestoreToken, RestoreToken | None]] = []
 
     # passthroughs, so code that reads layer.weight (dtype checks in transformers) keeps working
     @property
@@ -139,11 +90,22 @@ class IA3Layer(nn.Module):
     def merged_adapters(self) -> list[str]:
         return [name for name, _, _ in self._merged]
 
+    # ------------------------------------------------------------------ peft-core's AdapterLayer protocol
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        return {f"ia3_l.{adapter_name}": self.ia3_l[adapter_name]}
+
+    def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def trained_base_parameters(self, adapter_name: str) -> tuple[str, ...]:
+        return ()
+
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, feedforward: bool, init_ones: bool) -> None:
         w = self.base_layer.weight
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        kw: dict[str, Any] = {"device": w.device, "dtype": _adapter_dtype(w)}
+        # like the weight (peft-core keeps half-precision adapters in fp32: autocast_adapter_dtype)
+        kw: dict[str, Any] = {"device": w.device, "dtype": w.dtype}
         # the identity at init: the adapted model starts out as the base model
         value = torch.ones(shape, **kw) if init_ones else torch.randn(shape, **kw)
         self.ia3_l[name] = nn.Parameter(value)
@@ -215,8 +177,6 @@ class IA3Layer(nn.Module):
     def _merged_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight (and bias) with adapter ``name`` folded in, in their own dtypes; nothing changed."""
         weight = self.base_layer.weight
-        if weight.is_meta:
-            raise MergeError("cannot merge on the meta device: load real weights first")
         new_w = (weight.detach() * self._weight_scale(name).to(weight.device)).to(weight.dtype)
         bias = self.bias
         new_b = None
@@ -227,22 +187,21 @@ class IA3Layer(nn.Module):
     def check_merge(self, name: str, where: str) -> None:
         """Raise :class:`MergeError` if merging ``name`` would put NaN or Inf into this layer."""
         for t in self._merged_tensors(name):
-            if t is not None and not torch.isfinite(t).all():
-                raise MergeError(f"safe_merge: adapter {name!r} would put NaN/Inf into {where}; "
-                                 "the model was not changed")
+            if t is not None:
+                check_finite(t, name, where)
 
     def merge(self, name: str) -> None:
         if name not in self.ia3_l or name in self.merged_adapters:
             return
         new_w, new_b = self._merged_tensors(name)
         weight, bias = self.base_layer.weight, self.bias
-        with torch.no_grad():
-            w_restore = _Restore(weight.detach(), new_w, self._weight_scale(name).to(weight.device))
-            b_restore = None
-            if new_b is not None and bias is not None:
-                b_restore = _Restore(bias.detach(), new_b, self.ia3_l[name].detach().reshape(bias.shape))
-                bias.data.copy_(new_b)
-            weight.data.copy_(new_w)
+        scale = self._weight_scale(name).to(weight.device)
+        # the division misses few elements: cheaper to keep than the bit changes of a multiplication
+        w_restore = replace_exactly(weight, new_w, inverse=lambda merged: merged / scale)
+        b_restore = None
+        if new_b is not None and bias is not None:
+            vec = self.ia3_l[name].detach().reshape(bias.shape).to(bias.device).clone()
+            b_restore = replace_exactly(bias, new_b, inverse=lambda merged: merged / vec)
         self._merged.append((name, w_restore, b_restore))
 
     def unmerge(self, name: str) -> None:
@@ -255,20 +214,19 @@ class IA3Layer(nn.Module):
         if name not in names:
             return
         newer = names[names.index(name) + 1:]
-        with torch.no_grad():
-            while self._merged:
-                top, w_restore, b_restore = self._merged.pop()
-                w_restore.undo(self.base_layer.weight)
-                if b_restore is not None and self.bias is not None:
-                    b_restore.undo(self.bias)
-                if top == name:
-                    break
+        while self._merged:
+            top, w_restore, b_restore = self._merged.pop()
+            restore_exactly(self.base_layer.weight, w_restore)
+            if b_restore is not None and self.bias is not None:
+                restore_exactly(self.bias, b_restore)
+            if top == name:
+                break
         for again in newer:
             self.merge(again)
 
     def restore_bytes(self) -> int:
         """Bytes held to make unmerge exact (for tests and the curious)."""
-        return sum(r.nbytes() for _, *restores in self._merged for r in restores if r is not None)
+        return sum(r.nbytes for _, *restores in self._merged for r in restores if r is not None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,67 @@
+"""Hooks the LoRA plugin publishes (through peft-core's ``add_hookspecs``), so that other plugins can extend
+LoRA without editing it — documented to the standard of :mod:`peft_core.hookspecs`.
+
+An *extension* of LoRA is a plugin in the ``peft_core.methods`` entry-point group that declares no method
+and implements these hooks; it is found like any plugin, and may be installed before or after LoRA. A
+quantized-layer package, for instance, teaches LoRA ``bitsandbytes.nn.Linear4bit``::
+
+    # pyproject.toml
+    [project.entry-points."peft_core.methods"]
+    lora_4bit = "my_package:plugin"
+
+    # my_package/__init__.py
+    from peft_core import hookimpl
+    from peft_lora import LoraLinear
+
+    class Lora4bit:
+        "LoRA on bitsandbytes Linear4bit layers."
+
+        @hookimpl
+        def lora_make_layer(self, module, path, runtime, config):
+            if isinstance(module, bnb.nn.Linear4bit):
+                return My4bitLoraLayer(module, runtime)
+            return None
+
+    plugin = Lora4bit()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core import hookspec
+
+if TYPE_CHECKING:
+    from peft_core.runtime import AdapterRuntime
+    from torch import nn
+
+    from .config import LoraConfig
+    from .layers import LoraLayer
+
+__all__: list[str] = []  # the hook functions below are the contract
+
+
+@hookspec(firstresult=True)
+def lora_make_layer(module: nn.Module, path: str, runtime: AdapterRuntime, config: LoraConfig) -> LoraLayer | None:
+    """Make the LoRA layer that wraps ``module``, or say this plugin does not handle its type.
+
+    When: LoRA's ``inject``, once for each targeted module that is not a LoRA layer yet (a module already
+    wrapped gets the new adapter added to its existing layer), before anything in the model changes: every
+    target gets its layer first, so a module no plugin handles raises a TargetError with the model
+    untouched. ``path`` is the module's path in the model (for messages); ``config`` the adapter's config.
+
+    Returns (firstresult): a new :class:`peft_lora.LoraLayer` (usually a subclass of one of
+    :mod:`peft_lora`'s public layers) whose ``base_layer`` is ``module``, with no adapter yet — LoRA then
+    calls its ``add(...)`` and puts it into the model; or None to let the next implementation try.
+    Extensions are asked before LoRA's own implementation (``trylast``), which handles ``torch.nn.Linear``,
+    transformers' ``Conv1D``, ``torch.nn.Embedding`` and ``torch.nn.Conv2d`` with floating-point weights.
+    When every implementation returns None, LoRA raises a TargetError naming the module and its type.
+
+    Example::
+
+        @hookimpl
+        def lora_make_layer(module, runtime):
+            if isinstance(module, torch.nn.Conv1d):
+                return LoraConv1d(module, runtime)
+            return None
+    """
