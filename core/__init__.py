@@ -52,6 +52,12 @@ from .tasks import TaskType
 
 __version__ = "0.1.0"
 
+#: The plugin support API: the submodules of ``peft_core`` that method and extension plugins may import
+#: from, each through the names in its ``__all__`` (documented in docs/api.md; a test holds the built-in
+#: plugins and the examples to it). Everything else in ``peft_core`` is internal and may change.
+SUPPORT_MODULES = ("amp", "compat", "config", "errors", "hookspecs", "layers", "merging", "patterns", "registry",
+                   "runtime", "spec", "targeting", "tasks", "virtual_tokens")
+
 # Method config classes (LoraConfig, ...) are not listed: they come from whichever method plugins are
 # installed, through __getattr__ below, so ``from peft_core import *`` never fails on a missing plugin.
 __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
@@ -65,7 +71,7 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
     # the native API and the plugin contract
     "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "hookspec", "get_registry",
-    "AdapterLayer", "MergeableLayer",
+    "AdapterLayer", "MergeableLayer", "SUPPORT_MODULES",
     # errors
     "PeftCoreError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "MergeError",
     "MethodNotInstalledError", "PluginError", "PluginContractError",

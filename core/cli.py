@@ -33,8 +33,9 @@ def list_methods(as_json: bool, strict: bool) -> int:
         print(f"peft-core: {e}", file=sys.stderr)
         return 1
     broken = registry.broken()
+    extensions = registry.describe_extensions()
     if as_json:
-        payload = {"methods": rows,
+        payload = {"methods": rows, "extensions": extensions,
                    "broken": [{"plugin": b.name, "distribution": b.distribution, "version": b.version,
                                "error": b.error, "hint": b.hint} for b in broken]}
         print(json.dumps(payload, indent=2))
@@ -44,6 +45,10 @@ def list_methods(as_json: bool, strict: bool) -> int:
              "all" if len(r["task_types"]) == len(TaskType) else ",".join(r["task_types"]), r["summary"]]
             for r in rows]
     print(_table([header, *body]) if body else "no methods installed")
+    if extensions:
+        ext = [[e["plugin"], e["distribution"], e["version"], ",".join(e["hooks"]), e["summary"]] for e in extensions]
+        print("\nextensions (plugins that declare no method and extend others through hooks):")
+        print(_table([["plugin", "distribution", "version", "hooks", "summary"], *ext]))
     for b in broken:
         print(f"\nbroken: {b.describe()}")
     return 0

@@ -88,11 +88,26 @@ TASK_MODELS: dict[TaskType, type[PeftModel]] = {
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                    mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
-    """Wrap ``model`` (in place) with a new adapter; the class follows ``peft_config.task_type``."""
+    """Wrap ``model`` (in place) with a new adapter; the class follows ``peft_config.task_type``.
+
+    Hugging Face PEFT's keywords, as there:
+
+    - ``mixed``: PEFT needs a separate ``PeftMixedModel`` to combine adapters of different methods; every
+      peft-core model composes them (``add_adapter`` of any method, ``set_adapter([...])``), so True and
+      False both give the same model.
+    - ``autocast_adapter_dtype`` (True): on a bf16/fp16 model, keep the adapter's new weights in fp32.
+      False keeps them in the base model's dtype.
+    - ``revision``: recorded in the config (``adapter_config.json``) when it has none.
+    - ``low_cpu_mem_usage`` (False): create the adapter's weights on the ``meta`` device; they get memory
+      and values from a later load (``load_adapter``, ``set_peft_model_state_dict``).
+    """
+    if not isinstance(mixed, bool):
+        raise TypeError(f"get_peft_model(mixed=...) takes True or False, got {mixed!r}")
     if revision is not None and peft_config.revision is None:
         peft_config = peft_config.replace(revision=revision)
     cls = PeftModel._class_for(peft_config)
-    return cls(model, peft_config, adapter_name)  # type: ignore[return-value]
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,  # type: ignore[return-value]
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None, adapter_name: str = "default",
@@ -109,12 +124,21 @@ def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None, adapt
 
 
 def set_peft_model_state_dict(model: AdaptedModel, peft_model_state_dict: dict[str, Any],
-                              adapter_name: str = "default", **_: Any) -> Any:
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> Any:
     """Load PEFT-keyed tensors into an existing adapter (all checked before anything is copied).
 
     Returns ``(missing_keys, unexpected_keys)`` like ``load_state_dict``, both always empty: unlike
     Hugging Face PEFT, a file with missing or unexpected tensors raises CheckpointError instead.
+    ``low_cpu_mem_usage``: accepted as in PEFT; parameters created on ``meta`` are materialised by this load
+    either way. ``ignore_mismatched_sizes=True`` (skip tensors of the wrong shape) is refused: a partly
+    loaded adapter computes something nobody trained.
     """
+    if ignore_mismatched_sizes:
+        from .errors import CheckpointError
+
+        raise CheckpointError("set_peft_model_state_dict(ignore_mismatched_sizes=True) is not supported: peft-core "
+                              "loads an adapter whole or not at all; fix the shapes (r, target modules) instead")
     from torch.nn.modules.module import _IncompatibleKeys
 
     inner = getattr(model, "_orig_mod", model)

@@ -460,3 +460,56 @@ def test_set_adapter_none_is_an_error(toy):
     with pytest.raises(AdapterError, match="disable_adapter"):
         model.set_adapter(None)
     assert model.active_adapters == ["default"]
+
+
+def _plugin_sources() -> list[pathlib.Path]:
+    """Every plugin a user can install from this repository: the built-in methods and the examples."""
+    files = list((ROOT / "methods").rglob("*.py"))
+    for example in (ROOT / "examples").iterdir():
+        if (example / "pyproject.toml").exists():
+            files += list((example / "src").rglob("*.py"))
+    return files
+
+
+def test_plugins_import_only_the_documented_api():
+    """Built-in plugins are built as a third party would build one: from peft_core they import only the
+    support modules' public names (peft_core.SUPPORT_MODULES, each module's __all__), and from another
+    plugin only that plugin's public names; docs/api.md names every support module."""
+    import importlib
+
+    import peft_core
+
+    api_doc = (ROOT / "docs" / "api.md").read_text()
+    for mod in peft_core.SUPPORT_MODULES:
+        assert f"peft_core.{mod}" in api_doc, f"docs/api.md does not document peft_core.{mod}"
+    plugin_packages = {"peft_lora", "peft_prompt_tuning", "peft_prefix", "peft_ia3", "peft_lora_conv1d"}
+    checked = 0
+    for path in _plugin_sources():
+        own = path.relative_to(ROOT).parts
+        own_package = {"lora": "peft_lora", "prompt_tuning": "peft_prompt_tuning", "prefix": "peft_prefix"}.get(
+            own[1]) if own[0] == "methods" else next((p for p in own if p.startswith("peft_")), None)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    top = alias.name.split(".")[0]
+                    assert top != "peft_core" or alias.name == "peft_core", f"{path}: import {alias.name}"
+                continue
+            if not isinstance(node, ast.ImportFrom) or not node.module or node.level:
+                continue
+            parts = node.module.split(".")
+            if parts[0] == "peft_core":
+                assert len(parts) <= 2, f"{path}: from {node.module} import ... (too deep)"
+                if len(parts) == 2:
+                    assert parts[1] in peft_core.SUPPORT_MODULES, f"{path}: {node.module} is not a support module"
+                public = set(getattr(importlib.import_module(node.module), "__all__", ()))
+                if len(parts) == 1:
+                    public |= {s.config_cls.__name__ for s, _ in get_registry().methods()}
+            elif parts[0] in plugin_packages and parts[0] != own_package:
+                assert not any(p.startswith("_") for p in parts), f"{path}: imports private {node.module}"
+                public = set(getattr(importlib.import_module(node.module), "__all__", ()))
+            else:
+                continue
+            for alias in node.names:
+                assert alias.name in public, f"{path}: {alias.name} is not a public name of {node.module}"
+                checked += 1
+    assert checked > 30  # the walk really saw the plugins' imports

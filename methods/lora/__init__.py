@@ -1,7 +1,12 @@
-"""peft_lora: LoRA for peft-core, a method plugin (entry point ``peft_core.methods: lora``)."""
+"""peft_lora: LoRA for peft-core, a method plugin (entry point ``peft_core.methods: lora``).
+
+Public for extensions (plugins that teach LoRA new layer types through the ``lora_make_layer`` hook,
+:mod:`peft_lora.hookspecs`): the layer classes below, to subclass.
+"""
 
 from .config import LoraConfig
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulePairLayer
 from .plugin import LoraPlugin, plugin
 
-__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraPlugin", "plugin"]
+__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraPlugin", "ModulePairLayer",
+           "plugin"]
