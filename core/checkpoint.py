@@ -144,10 +144,20 @@ def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mappin
     with torch.no_grad():
         for k, v in mapped.items():
             t = targets[k]
-            if t.is_meta:  # low_cpu_mem_usage, or a meta base model: the file's values become the tensor
-                t.data = v.to(device=homes.pop(k, t.device if not t.is_meta else v.device), dtype=t.dtype)
+            if t.is_meta:  # low_cpu_mem_usage, or a meta model: the file's values become the tensor
+                _materialise(model, k, t, v.to(device=homes.pop(k, v.device), dtype=t.dtype))
             else:
                 t.copy_(v)
+
+
+def _materialise(model: AdaptedModel, key: str, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put ``value`` where the meta tensor ``key`` is (``.data`` cannot move a tensor off the meta device)."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path)
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = value
 
 
 def push(model: AdaptedModel, repo_id: str, *, private: bool | None, token: str | None, commit_message: str,

@@ -22,7 +22,7 @@ import attrs
 from .errors import ConfigError
 from .tasks import TaskType
 
-__all__ = ["ANY", "CONFIG_NAME", "PeftConfig", "check", "short_repr", "to_str_tuple"]
+__all__ = ["ANY", "CONFIG_NAME", "FrozenDict", "PeftConfig", "check", "short_repr", "to_str_tuple"]
 
 _FLOAT_MAX = sys.float_info.max
 
@@ -81,6 +81,24 @@ def check(kind: type | tuple[type, ...], *, optional: bool = False, low: float |
             raise ConfigError(f"{name} must be one of {list(choices)!r}, got {short_repr(value)}. {fix}".strip())
 
     return validate
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A read-only ``dict`` that hashes by content: the value of a mapping field (LoRA's ``rank_pattern``), so
+    that configs are hashable as frozen values should be. Still a ``dict`` for JSON and for ``==``."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((str(k), repr(v)) for k, v in self.items())))
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("config mappings are read-only: use config.replace(field={...}) for a changed copy")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:  # pickle/deepcopy rebuild it through the constructor, not item by item
+        return (FrozenDict, (dict(self),))
 
 
 def _to_task_type(value: Any) -> Any:

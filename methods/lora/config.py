@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import ANY, PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import ANY, FrozenDict, PeftConfig, check, short_repr, to_str_tuple
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
@@ -16,11 +16,11 @@ __all__ = ["LoraConfig"]
 
 def _patterns(value: Any) -> dict[str, Any]:
     if value is None:
-        return {}
+        return FrozenDict()
     if not isinstance(value, Mapping):
         raise ConfigError(f"rank_pattern/alpha_pattern must be a mapping of module-name patterns to values, "
                           f"got {short_repr(value)}")
-    return dict(value)
+    return FrozenDict(value)
 
 
 def _pattern_values(kind: type) -> Any:
@@ -116,9 +116,9 @@ class LoraConfig(PeftConfig):
                                                                      validator=_layers_ok)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
-    rank_pattern: dict[str, int] = attrs.field(factory=dict, converter=_patterns,
+    rank_pattern: dict[str, int] = attrs.field(factory=FrozenDict, converter=_patterns,
                                                validator=_pattern_values(int))
-    alpha_pattern: dict[str, int | float] = attrs.field(factory=dict, converter=_patterns,
+    alpha_pattern: dict[str, int | float] = attrs.field(factory=FrozenDict, converter=_patterns,
                                                         validator=_pattern_values((int, float)))  # type: ignore[arg-type]
 
     def __attrs_post_init__(self) -> None:
