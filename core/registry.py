@@ -107,7 +107,8 @@ class Registry:
         self._broken: list[BrokenPlugin] = []
         self._callers: dict[tuple[str, str], Any] = {}
         self._implements: dict[tuple[str, str], bool] = {}  # both caches: until the set of plugins changes
-        self._codes: dict[Any, PluginRecord] | None = None  # hookimpl code object -> its plugin (error attribution)
+        # hookimpl code object -> (its plugin, the hook): to name who raised, and in which hook
+        self._codes: dict[Any, tuple[PluginRecord, str]] | None = None
         self._lock = threading.RLock()
         self._loaded = False
         self._loading = False
@@ -392,12 +393,12 @@ class Registry:
             self._implements[key] = found
         return found
 
-    def _culprit(self, exc: BaseException) -> PluginRecord | None:
+    def _culprit(self, exc: BaseException) -> tuple[PluginRecord, str] | None:
         """The plugin whose hook implementation the exception came out of: the innermost traceback frame
         that runs a registered hookimpl (so an extension's wrapper is blamed for its own errors, and the
         owner for errors that merely passed through the wrapper)."""
         if self._codes is None:
-            codes: dict[Any, PluginRecord] = {}
+            codes: dict[Any, tuple[PluginRecord, str]] = {}
             by_plugin = {id(r.plugin): r for r in self._records.values()}
             for caller in vars(self.pm.hook).values():
                 if isinstance(caller, pluggy.HookCaller):
@@ -405,14 +406,14 @@ class Registry:
                         code = getattr(impl.function, "__code__", None)
                         rec = by_plugin.get(id(impl.plugin))
                         if code is not None and rec is not None:
-                            codes[code] = rec
+                            codes[code] = (rec, caller.name)
             self._codes = codes
         culprit = None
         tb = exc.__traceback__
         while tb is not None:
-            rec = self._codes.get(tb.tb_frame.f_code)
-            if rec is not None:
-                culprit = rec
+            found = self._codes.get(tb.tb_frame.f_code)
+            if found is not None:
+                culprit = found
             tb = tb.tb_next
         return culprit
 
@@ -435,9 +436,12 @@ class Registry:
         except PeftCoreError:
             raise
         except Exception as exc:
-            rec = self._culprit(exc) or self.owner(method)
-            who = f"plugin {rec.name!r} ({rec.distribution} {rec.version})"
-            if hook in self._FORWARD_HOOKS or isinstance(exc, MemoryError) or _is_oom(exc):
+            forward_time = hook in self._FORWARD_HOOKS
+            rec, where_hook = self._culprit(exc) or (self.owner(method), hook)
+            who = self._label(rec.name, rec.distribution, rec.version)
+            if where_hook != hook:  # a hook a plugin published, called from inside this one
+                hook = f"{where_hook} (called from {hook})"
+            if forward_time or isinstance(exc, MemoryError) or _is_oom(exc):
                 if hasattr(exc, "add_note"):
                     exc.add_note(f"peft-core: raised while {who} ran {hook} for method {method}")
                 raise

@@ -280,3 +280,18 @@ def test_configs_are_hashable_values():
     with pytest.raises(TypeError, match="read-only"):
         a.rank_pattern["v_proj"] = 2
     assert a.replace(rank_pattern={"v_proj": 2}).rank_pattern == {"v_proj": 2}
+
+
+class BuggyFactory:
+    """An extension whose lora_make_layer raises: the error names it and the hook, not LoRA's inject."""
+
+    @hookimpl
+    def lora_make_layer(self, module):
+        raise ValueError("factory bug")
+
+
+def test_an_error_in_a_published_hook_names_the_extension_and_that_hook():
+    with get_registry().plugin(BuggyFactory(), name="buggy_factory"):
+        with pytest.raises(PluginError, match=r"plugin 'buggy_factory' \(<in-process>\) raised in lora_make_layer "
+                                              r"\(called from inject\).*factory bug"):
+            get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))

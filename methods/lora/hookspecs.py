@@ -16,8 +16,8 @@ quantized-layer package, for instance, teaches LoRA ``bitsandbytes.nn.Linear4bit
     class Lora4bit:
         "LoRA on bitsandbytes Linear4bit layers."
 
-        @hookimpl
-        def lora_make_layer(self, module, path, runtime, config):
+        @hookimpl  # declare only the arguments you use: pluggy passes just those
+        def lora_make_layer(self, module, runtime):
             if isinstance(module, bnb.nn.Linear4bit):
                 return My4bitLoraLayer(module, runtime)
             return None

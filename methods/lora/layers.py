@@ -351,8 +351,10 @@ class LoraConv2d(ModulePairLayer):
     def _create(self, name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
         kw = _new_kw(base.weight)
+        # the base's padding mode too: merging folds B A into the base conv, which pads its own way, so an
+        # A that always zero-pads would make merged outputs differ (Hugging Face PEFT's A zero-pads)
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                      bias=False, **kw)
+                      bias=False, padding_mode=base.padding_mode, **kw)
         self._store(name, a, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
