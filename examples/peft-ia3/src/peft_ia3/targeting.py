@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from peft_core.errors import TargetError
+from peft_core.targeting import find_targets as _find
 from torch import nn
 
 from .config import IA3Config
-from .layer import IA3Layer, base_kind
+from .layer import base_kind
 
 __all__ = ["DEFAULT_FEEDFORWARD", "DEFAULT_TARGETS", "feedforward_spec", "find_targets", "is_feedforward"]
 
@@ -36,52 +37,15 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _matches(name: str, spec: str | tuple[str, ...]) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def _adaptable_names(model: nn.Module) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and base_kind(m) is not None})
-    return ", ".join(leaves[:20]) or "(none)"
+def _adaptable(module: nn.Module) -> bool:
+    return base_kind(module) is not None
 
 
 def find_targets(model: nn.Module, config: IA3Config) -> list[str]:
-    """Paths of the layers to adapt, in model order; raises :class:`TargetError` when none match."""
-    spec = config.target_modules
-    model_type = _model_type(model)
-    if spec is None:
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetError(f"target_modules=None, and peft-ia3 has no default targets for model_type="
-                              f"{model_type!r} ({type(model).__name__}); set target_modules (and "
-                              f"feedforward_modules), e.g. from: {_adaptable_names(model)}")
-        spec = DEFAULT_TARGETS[model_type]
-    head = None
-    if spec == "all-linear":
-        get_out = getattr(model, "get_output_embeddings", None)
-        head = get_out() if callable(get_out) else None
-    found: list[str] = []
-    inside: list[str] = []  # already-adapted layers: their base_layer must not be matched again
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, IA3Layer):
-            inside.append(name)
-        if spec == "all-linear":
-            if base_kind(module) is None or module is head or (isinstance(module, IA3Layer)
-                                                               and module.base_layer is head):
-                continue
-        elif not _matches(name, spec):
-            continue
-        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
-            continue
-        found.append(name)
-    if not found:
-        shown = list(spec) if isinstance(spec, tuple) else spec
-        raise TargetError(f"target_modules={shown!r} matched no module of {type(model).__name__}; its "
-                          f"adaptable layers are named {_adaptable_names(model)}")
-    return found
+    """Paths of the layers to adapt, in model order, by Hugging Face PEFT's targeting rules (peft-core's shared
+    implementation); raises :class:`TargetError` when none match."""
+    return _find(model, config.target_modules, adaptable=_adaptable, exclude_modules=config.exclude_modules,
+                 modules_to_save=config.modules_to_save, default_targets=DEFAULT_TARGETS, method="peft-ia3")
 
 
 def feedforward_spec(model: nn.Module, config: IA3Config) -> str | tuple[str, ...]:
