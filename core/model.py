@@ -347,10 +347,8 @@ class AdaptedModel(nn.Module):
     def _unload(self, keep_merged: bool) -> nn.Module:
         if not keep_merged:
             self._merges.unmerge_all()
-        active = self._runtime.active
-        self._runtime.active = ()
-        self._ownership.update(list(self.peft_config), self._trains)  # base parameters adapters trained freeze
-        self._runtime.active = active
+        # the base model comes back frozen, as it was wrapped: what adapters trained of it freezes again
+        self._ownership.update(list(self.peft_config), lambda _: False)
         for name in list(self.peft_config):
             self._remove(name)  # a merged adapter's weights stay folded into the base layers
         self._merges.merged.clear()

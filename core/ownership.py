@@ -43,6 +43,9 @@ class AdapterRecord:
     #: Of ``owned``, those created by its layers and store (what ``autocast_adapter_dtype`` and
     #: ``low_cpu_mem_usage`` apply to; ``modules_to_save`` copies keep the dtype of what they copy).
     created: tuple[str, ...]
+    #: Of ``created``, those of its layers (``low_cpu_mem_usage`` moves these to meta; store modules such as
+    #: prompt tables stay materialised, as in Hugging Face PEFT, which ignores the flag for prompt methods).
+    in_layers: tuple[str, ...]
     #: Tensors of the adapter that never train (layers' ``adapter_state``).
     frozen: tuple[str, ...]
     #: Base-model parameters the adapter trains (``base_model.<path>``).
@@ -92,6 +95,7 @@ class Ownership:
             base += [prefix + rel for rel in layer.trained_base_parameters(adapter_name)]
             if not getattr(layer, "supports_routing", False):
                 unroutable.append(path)
+        in_layers = tuple(owned)
         if adapter_name in store:
             owned += [f"{STORE_PREFIX}{adapter_name}.{n}" for n, _ in store[adapter_name].named_parameters()]
         created = tuple(owned)
@@ -116,7 +120,7 @@ class Ownership:
         if missing:
             raise PluginContractError(f"adapter {adapter_name!r}: its layers declare parameter(s) that are not in "
                                       f"the model: {', '.join(missing[:5])}")
-        record = AdapterRecord(owned=tuple(owned), created=created, frozen=tuple(frozen),
+        record = AdapterRecord(owned=tuple(owned), created=created, in_layers=in_layers, frozen=tuple(frozen),
                                base=tuple(dict.fromkeys(base)), unroutable=tuple(unroutable))
         self._records[adapter_name] = record
         self._slots.pop(adapter_name, None)
@@ -192,11 +196,12 @@ class Ownership:
                     param.requires_grad_(False)
 
     # ------------------------------------------------------------------ dtype and device of new parameters
-    def created_slots(self, adapter_name: str) -> list[tuple[str, Slot]]:
+    def created_slots(self, adapter_name: str, layers_only: bool = False) -> list[tuple[str, Slot]]:
         rec = self._records.get(adapter_name)
         if rec is None:
             return []
-        return [(n, s) for n, s in ((n, _slot(self._root, n)) for n in rec.created) if s is not None]
+        names = rec.in_layers if layers_only else rec.created
+        return [(n, s) for n, s in ((n, _slot(self._root, n)) for n in names) if s is not None]
 
     def upcast_half(self, adapter_name: str) -> None:
         """``autocast_adapter_dtype=True``: the adapter's new float16/bfloat16 parameters become float32, so
@@ -207,10 +212,10 @@ class Ownership:
                 _swap(slot, param, param.detach().float())
 
     def to_meta(self, adapter_name: str) -> Mapping[str, torch.device]:
-        """``low_cpu_mem_usage=True``: the adapter's new parameters move to the meta device (no memory) until a
-        load fills them; returns where each belongs."""
+        """``low_cpu_mem_usage=True``: the parameters of the adapter's layers move to the meta device (no memory)
+        until a load fills them; returns where each belongs."""
         homes: dict[str, torch.device] = {}
-        for name, slot in self.created_slots(adapter_name):
+        for name, slot in self.created_slots(adapter_name, layers_only=True):
             param = _param(slot)
             if param is not None and not param.is_meta:
                 homes[name] = param.device

@@ -295,3 +295,13 @@ def test_an_error_in_a_published_hook_names_the_extension_and_that_hook():
         with pytest.raises(PluginError, match=r"plugin 'buggy_factory' \(<in-process>\) raised in lora_make_layer "
                                               r"\(called from inject\).*factory bug"):
             get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+
+
+def test_low_cpu_mem_usage_leaves_prompt_tables_materialised_as_peft_does():
+    from peft_core import PromptTuningConfig
+
+    cfg = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 3}
+    ours = get_peft_model(tiny_llama(), PromptTuningConfig(**cfg), low_cpu_mem_usage=True)
+    theirs = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(**cfg), low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in ours.parameters())
+    assert not any(p.is_meta for p in theirs.parameters())
