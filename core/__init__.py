@@ -31,6 +31,7 @@ from .errors import (
     TargetError,
 )
 from .hookspecs import hookimpl, hookspec
+from .kbit import prepare_model_for_kbit_training
 from .layers import AdapterLayer, MergeableLayer
 from .model import AdaptedModel
 from .peft_model import (
@@ -63,7 +64,7 @@ SUPPORT_MODULES = ("amp", "compat", "config", "errors", "hookspecs", "layers", "
 __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     # the PEFT-compatible API
     "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_peft_model_state_dict",
-    "set_peft_model_state_dict",
+    "set_peft_model_state_dict", "prepare_model_for_kbit_training",
     "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",

@@ -43,7 +43,11 @@ class AutoPeftModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        revision: str | None = None, **kwargs: Any) -> AdaptedModel:
+                        revision: str | None = None, low_cpu_mem_usage: bool = False,
+                        autocast_adapter_dtype: bool = True, **kwargs: Any) -> AdaptedModel:
+        """Load the base model named in the adapter's config (``kwargs`` go to transformers' ``from_pretrained``:
+        ``torch_dtype``, ``quantization_config``, ``device_map``...), then the adapter onto it.
+        ``low_cpu_mem_usage`` and ``autocast_adapter_dtype`` are about the adapter, as in ``PeftModel``."""
         import transformers
 
         path = pretrained_model_name_or_path
@@ -61,7 +65,8 @@ class AutoPeftModel:
         base = auto.from_pretrained(base_name, revision=peft_config.revision, **kwargs)
         model_cls = TASK_MODELS.get(task, PeftModel) if task else PeftModel
         return model_cls.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                         config=peft_config, revision=revision, **hub)
+                                         config=peft_config, revision=revision, low_cpu_mem_usage=low_cpu_mem_usage,
+                                         autocast_adapter_dtype=autocast_adapter_dtype, **hub)
 
 
 _SUFFIX = {TaskType.CAUSAL_LM: "CausalLM", TaskType.SEQ_2_SEQ_LM: "Seq2SeqLM",

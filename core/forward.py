@@ -109,7 +109,9 @@ def check_routing(model: AdaptedModel, adapter_names: Any, args: tuple[Any, ...]
         raise AdapterError(f"adapter_names: module(s) {', '.join(stuck[:5])} ({', '.join(sorted(kinds))}) cannot "
                            "compute each row with its own adapter (their layer type does not support routing); "
                            "run one adapter per call with set_adapter() instead")
-    inputs = [n for n in named if model._registry.implements(type(model.peft_config[n]).peft_type, "prepare_inputs")]
+    # the method's own input preparation (an extension merely wrapping prepare_inputs does not make LoRA prompt-like)
+    inputs = [n for n in named
+              if model._registry.implements(type(model.peft_config[n]).peft_type, "prepare_inputs", owner_only=True)]
     if inputs:
         raise AdapterError(f"mixed-batch inference (adapter_names) cannot route adapter(s) {inputs} per row: they "
                            "change the model's inputs (prompt-style methods); run them with set_adapter() instead")

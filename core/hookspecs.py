@@ -13,16 +13,21 @@ How the core calls them
 adapter*, and the core calls it only on the plugin that declared that adapter's method: the call goes
 through ``PluginManager.subset_hook_caller`` with every *other* method plugin removed (cached per
 plugin). Plugins that declare no method ("extensions") stay in every call, so they can wrap a method's
-hooks with ``@hookimpl(wrapper=True)`` — for instance to teach LoRA a quantized layer type::
+hooks with ``@hookimpl(wrapper=True)`` — for instance to time every injection::
 
-    class QuantizedLoraSupport:
+    class InjectTimer:
         @hookimpl(wrapper=True)
-        def inject(self, model, adapter_name, config, runtime, store):
-            swap_quantized_layers_for_plain_views(model)
-            return (yield)
+        def inject(self, adapter_name):
+            start = time.perf_counter()
+            result = yield
+            print(f"inject {adapter_name}: {time.perf_counter() - start:.3f} s")
+            return result
+
+(To teach LoRA a new layer type, implement LoRA's published ``lora_make_layer`` instead; see below.)
 
 Hooks other than ``declare_methods`` and ``add_hookspecs`` are ``firstresult``: the first non-None
-answer is the answer (extensions are asked first, then the owning plugin). A hook that returns
+answer is the answer, in pluggy's order (the last registered plugin first; an extension that must answer
+before the owner marks its implementation ``tryfirst=True``). A hook that returns
 ``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and ``state_dict_load`` that is
 an error; ``merge``/``unmerge`` are required of (and only called for) methods declared ``mergeable`` —
 declaring ``mergeable=True`` without both is a contract error at registration; ``complete_config``,
@@ -172,10 +177,12 @@ def inject(model: nn.Module, adapter_name: str, config: PeftConfig, runtime: Ada
     """Add adapter ``adapter_name`` to ``model``, in place.
 
     When: ``get_peft_model`` and ``add_adapter`` / ``load_adapter``, after the core has checked that the
-    method supports ``config.task_type`` and that the name is free. The core handles
-    ``config.modules_to_save`` itself and decides ``requires_grad`` of the parameters the call created
-    (trainable unless ``config.inference_mode``), so plugins create parameters and nothing more. Works on
-    the ``meta`` device: create parameters like the weights they sit beside, touch no data.
+    method supports ``config.task_type`` and that the name is free. Put new parameters in layers that
+    implement :class:`~peft_core.layers.AdapterLayer` (or in ``store[adapter_name]``): the core learns from
+    their declarations what the adapter owns and trains, handles ``config.modules_to_save`` itself and decides
+    ``requires_grad`` (trainable while the adapter is active, unless ``config.inference_mode``), so plugins
+    create parameters and nothing more — like the weights they sit beside (dtype, device; the core applies
+    ``autocast_adapter_dtype`` and ``low_cpu_mem_usage``). Works on the ``meta`` device: touch no data.
 
     Returns (firstresult): the names of the modules adapted, for messages and reports (may be empty for
     methods that change inputs rather than layers, e.g. prompt tuning). Raise
@@ -185,9 +192,13 @@ def inject(model: nn.Module, adapter_name: str, config: PeftConfig, runtime: Ada
 
         @hookimpl
         def inject(model, adapter_name, config, runtime):
-            names = [n for n, m in model.named_modules() if n.endswith(config.target)]
+            names = find_targets(model, config.target_modules, adaptable=is_linear)  # peft_core.targeting
             for n in names:
-                model.get_submodule(n).register_parameter(f"scale_{adapter_name}", ...)
+                layer = model.get_submodule(n)
+                if not isinstance(layer, ScaleLayer):  # an AdapterLayer: see peft_core.layers
+                    layer = ScaleLayer(layer, runtime)
+                    model.set_submodule(n, layer)
+                layer.add(adapter_name)
             return names
     """
 

@@ -106,6 +106,12 @@ class AdaptedModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "PEFT adapters are attached" (its Trainer refuses to train a quantized model
+        without them): true exactly while this model holds an adapter."""
+        return bool(self.peft_config)
+
     def _call(self, adapter_name: str, hook: str, **kwargs: Any) -> Any:
         config = self.peft_config[adapter_name]
         method = type(config).peft_type

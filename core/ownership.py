@@ -124,6 +124,11 @@ class Ownership:
                                base=tuple(dict.fromkeys(base)), unroutable=tuple(unroutable))
         self._records[adapter_name] = record
         self._slots.pop(adapter_name, None)
+        for name in record.frozen:  # declared never to train: a Parameter among them is frozen here, once
+            slot = _slot(self._root, name)
+            param = _param(slot) if slot is not None else None
+            if param is not None:
+                param.requires_grad_(False)
         # base slots are resolved now, while the claimed names are valid: a later adapter may move the module
         self._base_slots[adapter_name] = [s for s in (_slot(self._root, n) for n in record.base) if s is not None]
         return record

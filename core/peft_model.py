@@ -115,10 +115,16 @@ def get_peft_model_state_dict(model: AdaptedModel, state_dict: Any = None, adapt
                               ) -> dict[str, Any]:
     """The adapter's tensors keyed as Hugging Face PEFT writes them.
 
-    ``unwrap_compiled`` and ``save_embedding_layers`` are accepted for PEFT compatibility: a compiled
-    wrapper is unwrapped either way, and base embedding weights are never written (save the base model
-    if you resized its vocabulary).
+    ``unwrap_compiled`` is accepted for PEFT compatibility: a compiled wrapper is unwrapped either way.
+    ``save_embedding_layers``: "auto"/False write no base embedding weights (peft-core never changes them);
+    True is refused, as by ``save_pretrained`` (save the base model if you resized its vocabulary).
     """
+    if save_embedding_layers is True:
+        from .errors import ConfigError
+
+        raise ConfigError("get_peft_model_state_dict(save_embedding_layers=True): peft-core adapters never change "
+                          "the base model's embedding layers, so there is nothing to add; save the base model itself "
+                          "if you resized its vocabulary")
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     return inner.get_adapter_state_dict(adapter_name, state_dict)
 

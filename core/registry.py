@@ -106,7 +106,7 @@ class Registry:
         self._methods: dict[str, tuple[MethodSpec, PluginRecord]] = {}
         self._broken: list[BrokenPlugin] = []
         self._callers: dict[tuple[str, str], Any] = {}
-        self._implements: dict[tuple[str, str], bool] = {}  # both caches: until the set of plugins changes
+        self._implements: dict[tuple[str, str, bool], bool] = {}  # both caches: until the set of plugins changes
         # hookimpl code object -> (its plugin, the hook): to name who raised, and in which hook
         self._codes: dict[Any, tuple[PluginRecord, str]] | None = None
         self._lock = threading.RLock()
@@ -383,13 +383,18 @@ class Registry:
         self._implements.clear()
         self._codes = None
 
-    def implements(self, method: str, hook: str) -> bool:
+    def implements(self, method: str, hook: str, *, owner_only: bool = False) -> bool:
         """Whether a call of ``hook`` for ``method`` reaches any implementation: the owning plugin's or an
-        extension's (cached: the core asks this in every forward of a model with input-preparing adapters)."""
-        key = (method, hook)
+        extension's (``owner_only``: the owning plugin's own). Cached: the core asks this in every forward of
+        a model with input-preparing adapters."""
+        key = (method, hook, owner_only)
         found = self._implements.get(key)
         if found is None:
-            found = bool(self.caller(method, hook).get_hookimpls())
+            impls = self.caller(method, hook).get_hookimpls()
+            if owner_only:
+                owner = self.owner(method).plugin
+                impls = [i for i in impls if i.plugin is owner]
+            found = bool(impls)
             self._implements[key] = found
         return found
 

@@ -305,3 +305,26 @@ def test_low_cpu_mem_usage_leaves_prompt_tables_materialised_as_peft_does():
     theirs = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(**cfg), low_cpu_mem_usage=True)
     assert not any(p.is_meta for p in ours.parameters())
     assert not any(p.is_meta for p in theirs.parameters())
+
+
+class FrozenState(ToyPlugin):
+    """Its layers hold a Parameter they declare as frozen adapter state (a shared projection, say)."""
+
+    @hookimpl
+    def inject(self, model, adapter_name, config, runtime, store):
+        paths = super().inject(model, adapter_name, config, runtime, store)
+        for path in paths:
+            layer = model.get_submodule(path)
+            layer.shared = nn.Parameter(torch.ones(2))  # requires_grad=True, as every new Parameter
+            layer.adapter_state = lambda name, layer=layer: {"shared": layer.shared}
+        return paths
+
+
+def test_frozen_adapter_state_never_trains():
+    with get_registry().plugin(FrozenState(), name="frozen_state"):
+        model = AdaptedModel(tiny_llama(), ToyScaleConfig())
+        model.set_adapter("default")
+    shared = [p for n, p in model.named_parameters() if n.endswith(".shared")]
+    scales = [p for n, p in model.named_parameters() if ".toy_scale." in n]
+    assert len(shared) == 2 and not any(p.requires_grad for p in shared)
+    assert scales and all(p.requires_grad for p in scales)
