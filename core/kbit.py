@@ -41,6 +41,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     Call it on the base model, then ``get_peft_model(model, config)``.
     """
     kwargs = dict(gradient_checkpointing_kwargs or {})
+    kwargs.setdefault("use_reentrant", True)  # torch's current default, said out loud (torch warns otherwise)
     method = _quant_method(model)
     quantized = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
                      or method in _KEEP_DTYPES)
@@ -51,7 +52,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.float()
     if quantized and use_gradient_checkpointing:
-        if kwargs.get("use_reentrant", True):
+        if kwargs["use_reentrant"]:
             # reentrant checkpointing recomputes a block only for inputs that require grad
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()

@@ -230,6 +230,10 @@ class ModulePairLayer(LoraLayer):
 class LoraLinear(ModulePairLayer):
     """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored in x out)."""
 
+    #: Whether the update may be added into the base layer's output in place (subclasses over layers whose
+    #: output backward might need, a quantized kernel say, set False).
+    inplace_output = True
+
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__(base_layer, runtime)
         self.transposed = supported_base(base_layer) == "conv1d"
@@ -259,8 +263,8 @@ class LoraLinear(ModulePairLayer):
         # torch's own Linear and transformers' Conv1D keep no reference to their output for backward,
         # so it can take the update in place; any other base layer (a quantized one, say) might, and a
         # forward hook on the base layer may have kept the output, so then it is left alone
-        inplace = (type(self.base_layer) in _OWN_OUTPUT and not self.base_layer._forward_hooks
-                   and not _global_forward_hooks)
+        inplace = (self.inplace_output and type(self.base_layer) in _OWN_OUTPUT
+                   and not self.base_layer._forward_hooks and not _global_forward_hooks)
         for name in names:
             p = self.dropout_p[name] if training else 0.0
             result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,

@@ -34,12 +34,18 @@ def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
 
 def _unsupported(module: nn.Module, path: str) -> TargetError:
     kind = f"{type(module).__module__}.{type(module).__name__}"
-    hint = "Target its linear sub-layers instead, or install a plugin that teaches LoRA this layer type"
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        hint = f"LoRA's built-in Conv2d layer needs groups=1 (this one has groups={module.groups})"
+    hint = "Target its linear sub-layers instead, or install a plugin that teaches LoRA this layer type."
+    library = type(module).__module__.split(".")[0]
+    weight = getattr(module, "weight", None)
+    if library == "bitsandbytes" or type(weight).__module__.split(".")[0] == "torchao":
+        extra = "bnb" if library == "bitsandbytes" else "torchao"
+        hint = ("Quantized layers are taught to LoRA by the lora_quantized extension: "
+                f"pip install 'peft-core[{extra}]' (or check that PEFT_CORE_PLUGINS does not exclude lora_quantized).")
+    elif isinstance(module, nn.Conv2d) and module.groups != 1:
+        hint = f"LoRA's built-in Conv2d layer needs groups=1 (this one has groups={module.groups})."
     elif isinstance(module, nn.Linear):
-        hint = ("its weight is not a plain floating-point tensor (a quantized layer?): install the plugin that "
-                "teaches LoRA this layer type")
+        hint = ("Its weight is not a plain floating-point tensor (a quantized layer?): install the plugin that "
+                "teaches LoRA this layer type.")
     return TargetError(f"module {path!r} is a {kind}, which no installed plugin teaches LoRA to adapt (built in: "
                        f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv2d). {hint}")
 
