@@ -198,7 +198,6 @@ class AdaptedModel(nn.Module):
             self._ownership.forget(adapter_name)
             raise
         self._match_training_mode(modules_before)
-        self._ownership.invalidate_slots()  # wrapping may have moved other adapters' modules_to_save copies
         if autocast_adapter_dtype:
             self._ownership.upcast_half(adapter_name)
         if low_cpu_mem_usage:

@@ -75,6 +75,7 @@ class Ownership:
         self._root = root  # the AdaptedModel: names are in its namespace
         self._records: dict[str, AdapterRecord] = {}
         self._slots: dict[str, list[Slot]] = {}
+        self._created: dict[str, list[tuple[str, Slot]]] = {}  # the slots of AdapterRecord.created, by name
         self._base_slots: dict[str, list[Slot]] = {}
 
     # ------------------------------------------------------------------ declarations
@@ -85,24 +86,34 @@ class Ownership:
         base parameter does not exist. ``known_before``: ids of the parameters that existed before inject
         (used to *check* the declarations, never to make them)."""
         owned: list[str] = []
+        slots: list[Slot] = []  # resolved from each layer (a short walk), not by path from the root
         frozen: list[str] = []
         base: list[str] = []
         unroutable: list[str] = []
         for path, layer in adapter_layers(base_model, adapter_name):
             prefix = f"{MODEL_PREFIX}{path}."
-            owned += [prefix + rel for rel in layer.adapter_parameters(adapter_name)]
+            for rel in layer.adapter_parameters(adapter_name):
+                owned.append(prefix + rel)
+                sub, _, leaf = rel.rpartition(".")
+                slots.append((layer.get_submodule(sub) if sub else layer, leaf))  # type: ignore[attr-defined]
             frozen += [prefix + rel for rel in layer.adapter_state(adapter_name)]
             base += [prefix + rel for rel in layer.trained_base_parameters(adapter_name)]
             if not getattr(layer, "supports_routing", False):
                 unroutable.append(path)
         in_layers = tuple(owned)
         if adapter_name in store:
-            owned += [f"{STORE_PREFIX}{adapter_name}.{n}" for n, _ in store[adapter_name].named_parameters()]
+            for n, _ in store[adapter_name].named_parameters():
+                owned.append(f"{STORE_PREFIX}{adapter_name}.{n}")
+                sub, _, leaf = n.rpartition(".")
+                slots.append((store[adapter_name].get_submodule(sub) if sub else store[adapter_name], leaf))
         created = tuple(owned)
         for path, module in base_model.named_modules():
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-                owned += [f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{n}"
-                          for n, _ in module.modules_to_save[adapter_name].named_parameters()]
+                copy = module.modules_to_save[adapter_name]
+                for n, _ in copy.named_parameters():
+                    owned.append(f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{n}")
+                    sub, _, leaf = n.rpartition(".")
+                    slots.append((copy.get_submodule(sub) if sub else copy, leaf))
         params = dict(self._root.named_parameters())
         for claim in hook_claims or ():
             if not isinstance(claim, str) or (MODEL_PREFIX + claim) not in params:
@@ -123,7 +134,8 @@ class Ownership:
         record = AdapterRecord(owned=tuple(owned), created=created, in_layers=in_layers, frozen=tuple(frozen),
                                base=tuple(dict.fromkeys(base)), unroutable=tuple(unroutable))
         self._records[adapter_name] = record
-        self._slots.pop(adapter_name, None)
+        self._slots[adapter_name] = slots
+        self._created[adapter_name] = list(zip(created, slots[:len(created)]))
         for name in record.frozen:  # declared never to train: a Parameter among them is frozen here, once
             slot = _slot(self._root, name)
             param = _param(slot) if slot is not None else None
@@ -136,6 +148,7 @@ class Ownership:
     def forget(self, adapter_name: str) -> None:
         self._records.pop(adapter_name, None)
         self._slots.pop(adapter_name, None)
+        self._created.pop(adapter_name, None)
         self._base_slots.pop(adapter_name, None)
 
     def record(self, adapter_name: str) -> AdapterRecord | None:
@@ -164,7 +177,9 @@ class Ownership:
         return slots
 
     def invalidate_slots(self) -> None:
+        """Resolve every slot again on next use (after modules were put back, a modules_to_save copy unwrapped)."""
         self._slots.clear()
+        self._created.clear()
 
     # ------------------------------------------------------------------ trainability
     def claimed(self) -> set[tuple[int, str]]:
@@ -205,8 +220,11 @@ class Ownership:
         rec = self._records.get(adapter_name)
         if rec is None:
             return []
-        names = rec.in_layers if layers_only else rec.created
-        return [(n, s) for n, s in ((n, _slot(self._root, n)) for n in names) if s is not None]
+        created = self._created.get(adapter_name)
+        if created is None:  # slots were invalidated since: resolve the names again
+            created = [(n, s) for n, s in ((n, _slot(self._root, n)) for n in rec.created) if s is not None]
+            self._created[adapter_name] = created
+        return created[:len(rec.in_layers)] if layers_only else created
 
     def upcast_half(self, adapter_name: str) -> None:
         """``autocast_adapter_dtype=True``: the adapter's new float16/bfloat16 parameters become float32, so

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from torch import nn
 
 from .errors import TargetError
-from .layers import AdapterLayer
+from .layers import is_adapter_layer
 from .modules_to_save import ModulesToSave
 
 __all__ = ["DEFAULT_ATTENTION_TARGETS", "LAYER_NAMES", "find_targets", "layer_index", "matches",
@@ -135,23 +135,31 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str] | None, *
         {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform))
     patterns = (layers_pattern,) if isinstance(layers_pattern, str) else tuple(layers_pattern or LAYER_NAMES)
     saved = tuple(modules_to_save or ())
-    closed: list[str] = []  # adapter layers and modules_to_save wrappers: nothing inside them is a target
+    # named_modules() walks depth first: a subtree's modules come right after its root, so one prefix at a time
+    # tells what lies inside an adapter layer, a modules_to_save wrapper or an already chosen module (none of
+    # which is a target) — a list of them made this quadratic in the model's size
+    closed: str | None = None
     skipped_saved = False
     found: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(c + ".") for c in closed):
+        if not name:
             continue
+        if closed is not None:
+            if name.startswith(closed):
+                continue
+            closed = None
         if isinstance(module, ModulesToSave):
-            closed.append(name)
+            closed = name + "."
             skipped_saved = True
             continue
-        if isinstance(module, AdapterLayer):
-            closed.append(name)
+        layer = is_adapter_layer(module)
+        if layer:
+            closed = name + "."
         if _saved(name, saved):
             skipped_saved = True
             continue
         if all_linear:
-            inner = module.base_layer if isinstance(module, AdapterLayer) else module
+            inner = module.base_layer if layer else module
             if not is_linear(inner) or name in heads:
                 continue
         elif not matches(name, spec):
@@ -162,9 +170,8 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str] | None, *
             idx = layer_index(name, patterns)
             if idx is None or idx not in wanted_layers:
                 continue
-        if any(name.startswith(f + ".") for f in found):
-            continue  # inside a module already chosen
         found.append(name)
+        closed = name + "."  # inside a chosen module: not a target of its own
     if not found:
         shown = list(spec) if not isinstance(spec, str) else spec
         extra = ""
