@@ -70,8 +70,8 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig | None = None,
-                 adapter_name: str = "default", *, autocast_adapter_dtype: bool = True,
-                 low_cpu_mem_usage: bool = False) -> None:
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+                 low_cpu_mem_usage: bool = False) -> None:  # PEFT's PeftModel.__init__ order
         super().__init__()
         self.base_model = model
         self.adapter_modules = nn.ModuleDict()

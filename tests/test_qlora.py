@@ -123,18 +123,33 @@ def test_logits_match_peft_on_a_quantized_base(saved, name, kind):
     assert kinds == {"LoraLinear8bitLt" if kind == "int8" else "LoraLinear4bit"}
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_files_load_both_ways(saved, tmp_path, kind):
-    ours, theirs = pair(saved, "llama", kind)
-    x = model_inputs("llama")
+def test_files_load_both_ways(saved, tmp_path, name, kind):
+    ours, theirs = pair(saved, name, kind)
+    x = model_inputs(name)
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
-    from_peft = PeftModel.from_pretrained(load(saved, "llama", kind), tmp_path / "peft")
+    from_peft = PeftModel.from_pretrained(load(saved, name, kind), tmp_path / "peft")
     assert (logits(from_peft, x) - logits(theirs, x)).abs().max() <= 1e-5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from_ours = peft.PeftModel.from_pretrained(load(saved, "llama", kind), tmp_path / "ours")
+        from_ours = peft.PeftModel.from_pretrained(load(saved, name, kind), tmp_path / "ours")
     assert (logits(from_ours, x) - logits(ours, x)).abs().max() <= 1e-5
+
+
+def test_auto_peft_model_loads_a_quantized_base_and_its_adapter(saved, tmp_path):
+    from peft_core import AutoPeftModelForCausalLM
+
+    ours, _ = pair(saved, "llama", "nf4")
+    ours.save_pretrained(tmp_path)  # base_model_name_or_path: the quantized model's folder
+    qc = transformers.BitsAndBytesConfig(**KINDS["nf4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map={"": "cpu"})
+    assert {type(m).__name__ for m in auto.modules() if hasattr(m, "lora_A")} == {"LoraLinear4bit"}
+    x = model_inputs("llama")
+    assert (logits(auto, x) - logits(ours, x)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kind", KIND_LIST)
