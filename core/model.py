@@ -24,6 +24,7 @@ from . import checkpoint
 from .config import PeftConfig
 from .errors import AdapterError, CheckpointError, ConfigError, MergeError, PluginContractError
 from .forward import ForwardWithBaseSignature, bind_positional, check_routing
+from .layers import is_adapter_layer
 from .merge_order import MergeStack
 from .modules_to_save import ModulesToSave, matching_module_names
 from .ownership import Ownership
@@ -73,6 +74,12 @@ class AdaptedModel(nn.Module):
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True,
                  low_cpu_mem_usage: bool = False) -> None:  # PEFT's PeftModel.__init__ order
         super().__init__()
+        if any(is_adapter_layer(m) for m in model.modules()):
+            # another wrapper already adapted this model: a second one would change the first one's layers under
+            # its feet (its outputs change, and its saved files no longer fit its config)
+            warnings.warn(f"{type(model).__name__} already holds adapter layers (get_peft_model was called on it "
+                          "before): wrapping it again changes the first wrapper's layers too. Add adapters to the "
+                          "first wrapper with add_adapter(), or call unload() on it first", UserWarning, stacklevel=3)
         self.base_model = model
         self.adapter_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
@@ -487,7 +494,8 @@ class AdaptedModel(nn.Module):
                      autocast_adapter_dtype: bool = True, **hub_kwargs: Any) -> None:
         """Add an adapter from a folder or Hub repo written by peft-core or Hugging Face PEFT.
 
-        All or nothing: a bad file leaves the model as it was. ``low_cpu_mem_usage=True`` creates the
+        All or nothing: a bad file leaves the model as it was. Unless ``is_trainable``, the model is put in eval
+        mode afterwards (no dropout), as in Hugging Face PEFT. ``low_cpu_mem_usage=True`` creates the
         adapter's parameters on ``meta`` and gives them the file's values (no random init first).
         ``hub_kwargs`` go to ``huggingface_hub`` (``token``, ``cache_dir``, ``local_files_only``...).
         """
@@ -514,6 +522,9 @@ class AdaptedModel(nn.Module):
             raise
         if not self._runtime.active:
             self.set_adapter(adapter_name)
+        if not is_trainable:
+            # loaded for inference: no dropout (as Hugging Face PEFT does), whatever mode the base model was in
+            self.eval()
 
     def load_adapter_state_dict(self, adapter_name: str, weights: dict[str, torch.Tensor],
                                 source: str = "state dict") -> None:

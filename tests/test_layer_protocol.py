@@ -328,3 +328,26 @@ def test_frozen_adapter_state_never_trains():
     scales = [p for n, p in model.named_parameters() if ".toy_scale." in n]
     assert len(shared) == 2 and not any(p.requires_grad for p in shared)
     assert scales and all(p.requires_grad for p in scales)
+
+
+def test_loading_for_inference_turns_dropout_off_as_peft_does(tmp_path):
+    trained = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], lora_dropout=0.5,
+                                                      init_lora_weights=False))
+    trained.save_pretrained(tmp_path)
+    base = tiny_llama().train()  # a model left in training mode (any plain nn.Module starts so)
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    ids = model_inputs("llama")["input_ids"]
+    assert torch.equal(loaded(input_ids=ids).logits, loaded(input_ids=ids).logits)  # deterministic: no dropout
+    trainable = PeftModel.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=True)
+    assert trainable.training
+
+
+def test_a_second_get_peft_model_on_the_same_base_warns_as_peft_does():
+    base = tiny_llama()
+    get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=r"already holds adapter layers.*add_adapter\(\).*unload\(\)"):
+        get_peft_model(base, LoraConfig(target_modules=["q_proj"], r=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))  # a fresh base: no warning
