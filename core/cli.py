@@ -65,7 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm.add_argument("--strict", action="store_true", help="fail on the first broken plugin")
     args = parser.parse_args(argv)
     if args.command == "list-methods":
-        return list_methods(args.json, args.strict)
+        try:
+            return list_methods(args.json, args.strict)
+        except BrokenPipeError:  # `peft-core list-methods | head -1`: the reader left, which is not an error
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second BrokenPipeError when Python flushes stdout at exit
+            return 0
     parser.print_help()
     return 2
 

@@ -8,6 +8,7 @@ ever reads the fields defined here; everything else belongs to the method.
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import math
 import reprlib
@@ -165,9 +166,44 @@ def _check_inert(target: type[PeftConfig], values: Mapping[str, Any], source: st
                           f"only {key}={expected!r} is supported")
 
 
+class _FrozenConfig(attrs.exceptions.FrozenInstanceError):
+    """attrs' error for writing to a frozen instance (an AttributeError), saying what to do instead."""
+
+    def __init__(self, message: str) -> None:
+        AttributeError.__init__(self, message)
+        self.msg = message
+
+    def __str__(self) -> str:
+        return self.msg
+
+
 class _ConfigMeta(type):
     """Lets the constructor take the fields of ``peft_inert_fields`` as PEFT's does: code written for PEFT
-    (``LoraConfig(..., use_dora=False)``) runs, and ``use_dora=True`` is a ConfigError, not a TypeError."""
+    (``LoraConfig(..., use_dora=False)``) runs, and ``use_dora=True`` is a ConfigError, not a TypeError.
+
+    It also gives every config class its real signature (the fields, their defaults and types, then the inert
+    PEFT fields): IDEs, ``help()`` and ``inspect.signature`` would otherwise see this ``__call__``'s
+    ``(*args, **kwargs)``."""
+
+    def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> None:
+        super().__init__(name, bases, namespace)
+        frozen = namespace.get("__setattr__")
+        if frozen is not None and getattr(frozen, "__name__", "") == "_frozen_setattrs":
+            def __setattr__(self: Any, key: str, value: Any) -> None:
+                raise _FrozenConfig(f"{type(self).__name__} is frozen (configs are values, shared by every model "
+                                    f"that uses them): use config.replace({key}=...) for a changed copy")
+
+            cls.__setattr__ = __setattr__  # type: ignore[method-assign,assignment]
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        init = inspect.signature(cls.__init__)  # type: ignore[misc]
+        params = [p for p in init.parameters.values() if p.name != "self"]
+        known = {p.name for p in params}
+        inert = getattr(cls, "peft_inert_fields", {}) or {}
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None if v is ANY else v)
+                   for k, v in inert.items() if k not in known]
+        return inspect.Signature(params, return_annotation=cls)
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         inert = getattr(cls, "peft_inert_fields", None)

@@ -237,7 +237,7 @@ class AdaptedModel(nn.Module):
         for path in matching_module_names(self.base_model, names):
             module = self.base_model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
-                wrapper = ModulesToSave(module, self._runtime)
+                wrapper = ModulesToSave(module, self._runtime, path)
                 self.base_model.set_submodule(path, wrapper)
                 module = wrapper
             module.add(adapter_name)

@@ -32,10 +32,31 @@ def matching_module_names(model: nn.Module, names: Iterable[str]) -> list[str]:
     return found
 
 
+def _batch_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str | None, torch.Tensor | None]:
+    """Where the batch is in a call: (position or keyword, tensor) of the first tensor argument."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return i, value
+    for k, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return k, value
+    return None, None
+
+
+#: Containers without a forward of their own: a copy of one cannot stand in for it (PEFT refuses them too).
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 class ModulesToSave(nn.Module):
     """Stands in place of a module; runs the active adapter's copy, or the original."""
 
-    def __init__(self, original_module: nn.Module, runtime: AdapterRuntime) -> None:
+    def __init__(self, original_module: nn.Module, runtime: AdapterRuntime, path: str = "") -> None:
+        if isinstance(original_module, _CONTAINERS):
+            from .errors import ConfigError
+
+            kind = type(original_module).__name__
+            raise ConfigError(f"modules_to_save names {path or 'a module'!r}, a {kind}, which has no forward to stand "
+                              f"in for; name the modules inside it instead (e.g. '{path or 'layers'}.0')")
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
@@ -56,20 +77,28 @@ class ModulesToSave(nn.Module):
                     return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         routing = self._runtime.routing()
         if routing is None or self._runtime.disabled:
-            return self.active_module()(x, *args, **kwargs)
-        # mixed batch: each row through its own adapter's copy (or the original)
-        if len(routing.names) != x.shape[0]:
-            from .errors import AdapterError
+            return self.active_module()(*args, **kwargs)
+        # mixed batch: each row through its own adapter's copy (or the original). The batch is the first tensor
+        # argument, positional or keyword (a module may be called with keywords only)
+        key, x = _batch_argument(args, kwargs)
+        from .errors import AdapterError
 
+        if x is None:
+            raise AdapterError(f"adapter_names (mixed batch): {type(self.original_module).__name__} was called without "
+                               "a tensor argument, so its rows cannot be routed")
+        if len(routing.names) != x.shape[0]:
             raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has {x.shape[0]} rows")
         out: torch.Tensor | None = None
         for name in dict.fromkeys(routing.names):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
-            part = module(x[rows], *args, **kwargs)
+            if isinstance(key, int):
+                part = module(*args[:key], x[rows], *args[key + 1:], **kwargs)
+            else:
+                part = module(*args, **{**kwargs, key: x[rows]})
             if out is None:
                 out = part.new_empty((len(routing.names), *part.shape[1:]))
             out[rows] = part

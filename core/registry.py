@@ -69,8 +69,8 @@ class BrokenPlugin:
     hint: str
 
     def describe(self) -> str:
-        return (f"plugin {self.name!r} from {self.distribution} {self.version} was skipped: {self.error}. "
-                f"{self.hint}")
+        version = f" {self.version}" if self.version else ""
+        return f"plugin {self.name!r} from {self.distribution}{version} was skipped: {self.error}. {self.hint}"
 
 
 def _strict_from_env() -> bool:
@@ -140,6 +140,12 @@ class Registry:
 
     def _load_selected(self) -> None:
         selection = _selection_from_env()
+        if selection:
+            available = {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+            for typo in sorted(selection - available):  # PEFT_CORE_PLUGINS=lora,lorra must not pass in silence
+                self._broken_or_raise(typo, "<not installed>", "", LookupError(
+                    f"{PLUGINS_ENV} names {typo!r}, but no installed plugin has that entry-point name"),
+                    f"Installed plugins: {', '.join(sorted(available)) or 'none'}; fix {PLUGINS_ENV} or install it.")
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):  # one at a time
             if selection is not None and ep.name not in selection:
                 continue

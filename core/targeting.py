@@ -182,6 +182,10 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str] | None, *
             extra += f" and exclude_modules={shown_ex!r}"
         if skipped_saved and saved:
             extra += f" (modules_to_save={list(saved)} and their copies are never targets)"
+        hint = ""
+        if isinstance(spec, str) and spec != "all-linear" and re.fullmatch(r"[\w.]+", spec):
+            hint = (f". A string is a regex that must match the whole module path (PEFT's rule); to match modules "
+                    f"by name use a list: target_modules=[{spec!r}]")
         raise TargetError(f"target_modules={shown!r}{extra} matched no module of {type(model).__name__}; "
-                          f"its adaptable layers are named {_leaf_names(model, adaptable)}")
+                          f"its adaptable layers are named {_leaf_names(model, adaptable)}{hint}")
     return found

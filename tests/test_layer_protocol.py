@@ -16,6 +16,7 @@ from peft_core import (
     AdaptedModel,
     AdapterError,
     AdapterLayer,
+    ConfigError,
     LoraConfig,
     MethodSpec,
     PeftModel,
@@ -351,3 +352,80 @@ def test_a_second_get_peft_model_on_the_same_base_warns_as_peft_does():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))  # a fresh base: no warning
+
+
+class KeywordHead(nn.Module):
+    """A model whose head is called with keywords only (PEFT had the same bug with modules_to_save)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(input=self.body(x))
+
+
+def test_modules_to_save_takes_keyword_only_calls_and_refuses_containers():
+    torch.manual_seed(0)
+    model = get_peft_model(KeywordHead(), LoraConfig(target_modules=["body"], modules_to_save=["head"]))
+    model.add_adapter("b", LoraConfig(target_modules=["body"], modules_to_save=["head"]))
+    with torch.no_grad():
+        model.base_model.head.modules_to_save["b"].weight.add_(1.0)
+    model.eval()
+    x = torch.randn(3, 4)
+    mixed = model(x, adapter_names=["default", "b", "__base__"])
+    rows = []
+    for i, name in enumerate(["default", "b"]):
+        model.set_adapter(name)
+        rows.append(model(x[i:i + 1]))
+    with model.disable_adapter():
+        rows.append(model(x[2:]))
+    assert (mixed - torch.cat(rows)).abs().max() < 1e-6
+    base = KeywordHead()
+    with pytest.raises(ConfigError, match=r"'blocks', a ModuleList.*'blocks.0'"):
+        get_peft_model(base, LoraConfig(target_modules=["body"], modules_to_save=["blocks"]))
+    assert type(base.blocks) is nn.ModuleList and type(base.body) is nn.Linear
+
+
+# ---------------------------------------------------------------- small first-hour items (issue 17, partly)
+def test_config_classes_show_their_fields_and_say_how_to_change_one():
+    import inspect
+
+    sig = inspect.signature(LoraConfig)
+    assert list(sig.parameters)[:2] == ["task_type", "inference_mode"]
+    assert sig.parameters["r"].default == 8 and sig.parameters["use_dora"].default is False
+    config = LoraConfig(r=4)
+    with pytest.raises(AttributeError, match=r"frozen.*config.replace\(r=\.\.\.\)"):
+        config.r = 5
+    assert config.r == 4 and config.replace(r=5).r == 5
+
+
+def test_a_string_target_that_names_a_layer_explains_the_regex_rule():
+    with pytest.raises(TargetError, match=r"regex that must match the whole module path.*\['q_proj'\]"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules="q_proj"))
+
+
+def test_a_plugin_selection_typo_is_reported(monkeypatch):
+    from peft_core.registry import Registry
+
+    monkeypatch.setenv("PEFT_CORE_PLUGINS", "lora,lorra")
+    reg = Registry()
+    assert [s.name for s, _ in reg.methods()] == ["LORA"]
+    assert [b.name for b in reg.broken()] == ["lorra"] and "no installed plugin" in reg.broken()[0].error
+    with pytest.raises(PluginError, match="lorra"):
+        Registry(strict=True).methods()
+
+
+def test_list_methods_into_a_closed_pipe_is_quiet():
+    """`peft-core list-methods | head -1`: the reader is gone before the table is written."""
+    import subprocess
+    import sys
+
+    code = "import sys; from peft_core.cli import main; sys.exit(main(['list-methods']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the child writes anything: its first write meets a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err
