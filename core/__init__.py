@@ -46,6 +46,17 @@ from .peft_model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from .peft_names import (
+    PeftError,
+    PeftType,
+    PeftWarning,
+    cast_mixed_precision_params,
+    get_layer_status,
+    get_model_status,
+    get_peft_config,
+    inject_adapter_in_model,
+    load_peft_weights,
+)
 from .registry import get_registry
 from .runtime import BASE_ROW, AdapterRuntime
 from .spec import MethodSpec
@@ -70,6 +81,8 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "PeftType", "PeftMixedModel", "PeftError", "PeftWarning", "get_peft_config", "inject_adapter_in_model",
+    "load_peft_weights", "cast_mixed_precision_params", "get_layer_status", "get_model_status",
     # the native API and the plugin contract
     "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "hookspec", "get_registry",
     "AdapterLayer", "MergeableLayer", "SUPPORT_MODULES",
@@ -78,26 +91,63 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "MethodNotInstalledError", "PluginError", "PluginContractError",
 ]
 
+#: PEFT's PeftMixedModel combines adapters of different methods; every peft-core model does.
+PeftMixedModel = PeftModel
+
 #: Config class names of well-known methods -> the method that provides them (for error messages).
 _KNOWN_CONFIGS = {"LoraConfig": "LORA", "PromptTuningConfig": "PROMPT_TUNING",
                   "PrefixTuningConfig": "PREFIX_TUNING"}
 
 
+def _plugin_export(name: str) -> Any:
+    """``name`` from an installed plugin's package ``__all__`` (``PromptTuningInit``, ``PrefixEncoder``...): a
+    plugin's public names reach ``peft_core`` as its config class does, without the core naming them."""
+    import sys
+
+    for record in get_registry().plugins():
+        package = sys.modules.get(type(record.plugin).__module__.split(".")[0])
+        if package is None:  # a plugin that is a module object itself
+            package = sys.modules.get(getattr(record.plugin, "__name__", "").split(".")[0])
+        if package is not None and name in getattr(package, "__all__", ()) and not _plugin_object_name(name):
+            return getattr(package, name)
+    raise LookupError(name)
+
+
+def _plugin_object_name(name: str) -> bool:
+    # the plugin objects and classes themselves are the registry's business, not the user's namespace
+    return name == "plugin" or name.endswith("Plugin")
+
+
 def __getattr__(name: str) -> Any:
-    """Resolve a method's config class (``LoraConfig``...) through the installed plugins."""
-    if not name.endswith("Config") or name.startswith("_"):
+    """Resolve a method's config class (``LoraConfig``...) and plugins' public names through the installed
+    plugins; Hugging Face PEFT names peft-core lacks say so."""
+    if name.startswith("_"):
         raise AttributeError(f"module 'peft_core' has no attribute {name!r}")
     registry = get_registry()
     for spec, _ in registry.methods():
         if spec.config_cls.__name__ == name:
             return spec.config_cls
+    if name == "PEFT_TYPE_TO_CONFIG_MAPPING":
+        return {spec.name: spec.config_cls for spec, _ in registry.methods()}
+    try:
+        return _plugin_export(name)
+    except LookupError:
+        pass
     method = _KNOWN_CONFIGS.get(name)
-    if method is None:
-        raise AttributeError(f"module 'peft_core' has no attribute {name!r}, and no installed method plugin "
-                             "declares a config class of that name (see `peft-core list-methods`)")
-    registry.method(method)  # raises MethodNotInstalledError saying what to install
-    raise AttributeError(name)  # pragma: no cover - method() raised above
+    if method is not None:
+        registry.method(method)  # raises MethodNotInstalledError saying what to install
+    from .peft_names import unsupported_message
+
+    raise AttributeError(f"module 'peft_core' has no attribute {name!r}. If it is Hugging Face PEFT's: "
+                         f"{unsupported_message(name)}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {spec.config_cls.__name__ for spec, _ in get_registry().methods()})
+    import sys
+
+    names = set(globals()) | {spec.config_cls.__name__ for spec, _ in get_registry().methods()}
+    names.add("PEFT_TYPE_TO_CONFIG_MAPPING")
+    for record in get_registry().plugins():
+        package = sys.modules.get(type(record.plugin).__module__.split(".")[0])
+        names.update(getattr(package, "__all__", ()) if package is not None else ())
+    return sorted(n for n in names if not _plugin_object_name(n))

@@ -150,6 +150,44 @@ class AdaptedModel(nn.Module):
         return list(self._runtime.active)
 
     @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths (in the base model) of the modules adapters were put on, as Hugging Face PEFT lists them."""
+        from .layers import adapter_layers
+
+        return [path for path, _ in adapter_layers(self.base_model)]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (PEFT's attribute; with several active, the first one's)."""
+        if not self._runtime.active:
+            raise AdapterError("no adapter is active; set_adapter() one first")
+        return self.peft_config[self._runtime.active[0]]
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until ``enable_adapter_layers()`` (merged adapters are unmerged first, as in
+        PEFT). ``with model.disable_adapter():`` does the same for a block and restores everything after."""
+        if self._merges:
+            warnings.warn("disable_adapter_layers on a merged model: unmerging first", stacklevel=2)
+            self._merges.unmerge_all()
+        self._runtime.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: the active adapters act again."""
+        self._runtime.disabled = False
+
+    def get_layer_status(self) -> list[Any]:
+        """A status line per adapter layer (PEFT's ``get_layer_status``)."""
+        from .peft_names import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The adapters at a glance (PEFT's ``get_model_status``)."""
+        from .peft_names import get_model_status
+
+        return get_model_status(self)
+
+    @property
     def active_adapter(self) -> str | list[str]:
         active = self._runtime.active
         return active[0] if len(active) == 1 else list(active)
