@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="causal LM folder or Hub id (default: a tiny Llama from a config)")
-    p.add_argument("--output_dir", default="train_accelerate_adapter")
+    # a temporary folder by default: running the example must not leave files in the working directory
+    p.add_argument("--output_dir", default=None, help="where to save the adapter (default: a temporary folder)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--global_batch_size", type=int, default=8, help="rows per step, over all processes together")
     p.add_argument("--seq_len", type=int, default=16)
@@ -77,6 +78,10 @@ def warn_if_single_process_cpu_launch(accelerator: Accelerator) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.output_dir is None:  # one path every rank agrees on
+        import tempfile
+
+        args.output_dir = os.path.join(tempfile.gettempdir(), "peft-core-train-accelerate-adapter")
     # split_batches: the DataLoader's batch is the global batch, cut into one slice per process, so results
     # do not depend on the number of processes.
     accelerator = Accelerator(cpu=args.cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
