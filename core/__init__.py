@@ -99,17 +99,27 @@ _KNOWN_CONFIGS = {"LoraConfig": "LORA", "PromptTuningConfig": "PROMPT_TUNING",
                   "PrefixTuningConfig": "PREFIX_TUNING"}
 
 
-def _plugin_export(name: str) -> Any:
-    """``name`` from an installed plugin's package ``__all__`` (``PromptTuningInit``, ``PrefixEncoder``...): a
-    plugin's public names reach ``peft_core`` as its config class does, without the core naming them."""
+def _plugin_packages() -> list[Any]:
+    """The top-level packages of the registered plugins (whose ``__all__`` reach ``peft_core``)."""
     import sys
 
+    packages = []
     for record in get_registry().plugins():
         package = sys.modules.get(type(record.plugin).__module__.split(".")[0])
         if package is None:  # a plugin that is a module object itself
             package = sys.modules.get(getattr(record.plugin, "__name__", "").split(".")[0])
-        if package is not None and name in getattr(package, "__all__", ()) and not _plugin_object_name(name):
-            return getattr(package, name)
+        if package is not None:
+            packages.append(package)
+    return packages
+
+
+def _plugin_export(name: str) -> Any:
+    """``name`` from an installed plugin's package ``__all__`` (``PromptTuningInit``, ``PrefixEncoder``...): a
+    plugin's public names reach ``peft_core`` as its config class does, without the core naming them."""
+    if not _plugin_object_name(name):
+        for package in _plugin_packages():
+            if name in getattr(package, "__all__", ()):
+                return getattr(package, name)
     raise LookupError(name)
 
 
@@ -143,11 +153,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    import sys
-
     names = set(globals()) | {spec.config_cls.__name__ for spec, _ in get_registry().methods()}
     names.add("PEFT_TYPE_TO_CONFIG_MAPPING")
-    for record in get_registry().plugins():
-        package = sys.modules.get(type(record.plugin).__module__.split(".")[0])
-        names.update(getattr(package, "__all__", ()) if package is not None else ())
+    for package in _plugin_packages():
+        names.update(getattr(package, "__all__", ()))
     return sorted(n for n in names if not _plugin_object_name(n))

@@ -101,7 +101,6 @@ def restore_exactly(weight: torch.Tensor, token: RestoreToken) -> None:
     """Undo :func:`replace_exactly` on ``weight``, bit for bit."""
     int_t, _, mask = _INT[weight.dtype]
     with torch.no_grad():
-        current = weight.detach().view(int_t).reshape(-1)
         if token.inverse is not None:
             assert token.index is not None and token.values is not None
             restored = token.inverse(weight.detach()).to(weight.dtype).reshape(-1).view(int_t).clone()
@@ -113,7 +112,7 @@ def restore_exactly(weight: torch.Tensor, token: RestoreToken) -> None:
                 assert token.low is not None and token.index is not None and token.values is not None
                 xor = torch.bitwise_and(token.low.to(int_t), mask)
                 xor[token.index.long()] = token.values
-            restored = torch.bitwise_xor(current, xor)
+            restored = torch.bitwise_xor(weight.detach().view(int_t).reshape(-1), xor)
         weight.data.copy_(restored.view(weight.dtype).view(weight.shape))
 
 

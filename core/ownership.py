@@ -85,35 +85,30 @@ class Ownership:
         :class:`PluginContractError` if ``inject`` created a parameter that nothing declares, or a claimed
         base parameter does not exist. ``known_before``: ids of the parameters that existed before inject
         (used to *check* the declarations, never to make them)."""
-        owned: list[str] = []
-        slots: list[Slot] = []  # resolved from each layer (a short walk), not by path from the root
+        # (name in the wrapper's namespace, slot): each slot resolved from the module that declared it (a short
+        # walk), not by path from the root; None where the declared path does not exist (reported below)
+        entries: list[tuple[str, Slot | None]] = []
         frozen: list[str] = []
         base: list[str] = []
         unroutable: list[str] = []
         for path, layer in adapter_layers(base_model, adapter_name):
             prefix = f"{MODEL_PREFIX}{path}."
-            for rel in layer.adapter_parameters(adapter_name):
-                owned.append(prefix + rel)
-                sub, _, leaf = rel.rpartition(".")
-                slots.append((layer.get_submodule(sub) if sub else layer, leaf))  # type: ignore[attr-defined]
+            entries += [(prefix + rel, _slot(layer, rel)) for rel in layer.adapter_parameters(adapter_name)]  # type: ignore[arg-type]
             frozen += [prefix + rel for rel in layer.adapter_state(adapter_name)]
             base += [prefix + rel for rel in layer.trained_base_parameters(adapter_name)]
             if not getattr(layer, "supports_routing", False):
                 unroutable.append(path)
-        in_layers = tuple(owned)
+        in_layers = len(entries)
         if adapter_name in store:
-            for n, _ in store[adapter_name].named_parameters():
-                owned.append(f"{STORE_PREFIX}{adapter_name}.{n}")
-                sub, _, leaf = n.rpartition(".")
-                slots.append((store[adapter_name].get_submodule(sub) if sub else store[adapter_name], leaf))
-        created = tuple(owned)
+            entries += [(f"{STORE_PREFIX}{adapter_name}.{n}", _slot(store[adapter_name], n))
+                        for n, _ in store[adapter_name].named_parameters()]
+        n_created = len(entries)
         for path, module in base_model.named_modules():
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 copy = module.modules_to_save[adapter_name]
-                for n, _ in copy.named_parameters():
-                    owned.append(f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{n}")
-                    sub, _, leaf = n.rpartition(".")
-                    slots.append((copy.get_submodule(sub) if sub else copy, leaf))
+                entries += [(f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{n}", _slot(copy, n))
+                            for n, _ in copy.named_parameters()]
+        owned = [name for name, _ in entries]
         params = dict(self._root.named_parameters())
         for claim in hook_claims or ():
             if not isinstance(claim, str) or (MODEL_PREFIX + claim) not in params:
@@ -131,11 +126,12 @@ class Ownership:
         if missing:
             raise PluginContractError(f"adapter {adapter_name!r}: its layers declare parameter(s) that are not in "
                                       f"the model: {', '.join(missing[:5])}")
-        record = AdapterRecord(owned=tuple(owned), created=created, in_layers=in_layers, frozen=tuple(frozen),
+        record = AdapterRecord(owned=tuple(owned), created=tuple(owned[:n_created]),
+                               in_layers=tuple(owned[:in_layers]), frozen=tuple(frozen),
                                base=tuple(dict.fromkeys(base)), unroutable=tuple(unroutable))
         self._records[adapter_name] = record
-        self._slots[adapter_name] = slots
-        self._created[adapter_name] = list(zip(created, slots[:len(created)]))
+        self._slots[adapter_name] = [slot for _, slot in entries if slot is not None]
+        self._created[adapter_name] = [(n, slot) for n, slot in entries[:n_created] if slot is not None]
         for name in record.frozen:  # declared never to train: a Parameter among them is frozen here, once
             slot = _slot(self._root, name)
             param = _param(slot) if slot is not None else None
@@ -182,8 +178,9 @@ class Ownership:
         self._created.clear()
 
     # ------------------------------------------------------------------ trainability
-    def claimed(self) -> set[tuple[int, str]]:
-        return {(id(m), leaf) for slots in self._base_slots.values() for m, leaf in slots}
+    def _live_claims(self, trains: Callable[[str], bool]) -> set[tuple[int, str]]:
+        """The base-parameter slots that some adapter which trains now claims."""
+        return {(id(m), leaf) for n, slots in self._base_slots.items() if trains(n) for m, leaf in slots}
 
     def update(self, adapter_names: Iterable[str], trains: Callable[[str], bool]) -> None:
         """Set ``requires_grad`` of what ``adapter_names`` own or claim. ``trains(name)``: whether that adapter
@@ -197,7 +194,7 @@ class Ownership:
                     param.requires_grad_(trainable)
         touched = {(id(m), leaf): (m, leaf) for n in names for m, leaf in self._base_slots.get(n, ())}
         if touched:
-            live = {(id(m), leaf) for n, slots in self._base_slots.items() if trains(n) for m, leaf in slots}
+            live = self._live_claims(trains)
             for key, slot in touched.items():
                 param = _param(slot)
                 if param is not None:
@@ -206,7 +203,7 @@ class Ownership:
     def freeze_unowned(self, trains: Callable[[str], bool]) -> None:
         """Freeze every parameter that no adapter owns and no training adapter claims (the base model)."""
         owned = {n for rec in self._records.values() for n in (*rec.owned, *rec.frozen)}
-        live = {(id(m), leaf) for n, slots in self._base_slots.items() if trains(n) for m, leaf in slots}
+        live = self._live_claims(trains)
         for module_name, module in self._root.named_modules():
             for leaf, param in module._parameters.items():
                 if param is None:

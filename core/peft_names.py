@@ -149,7 +149,7 @@ class ModelStatus:
     devices: dict[str, list[str]]
 
 
-def _grad_state(values: list[bool]) -> bool | str:
+def _grad_state(values: list[bool | str]) -> bool | str:
     return values[0] if values and all(v == values[0] for v in values) else "irregular"
 
 
@@ -161,7 +161,7 @@ def get_layer_status(model: AdaptedModel) -> list[LayerStatus]:
     merged = set(model.merged_adapters)
     for path, layer in adapter_layers(model.base_model):
         names = list(layer.adapter_names)
-        grads = {n: _grad_state([p.requires_grad for p in layer.adapter_parameters(n).values()]) for n in names}
+        grads = {n: _grad_state([bool(p.requires_grad) for p in layer.adapter_parameters(n).values()]) for n in names}
         devices = {n: sorted({str(p.device.type) for p in layer.adapter_parameters(n).values()}) for n in names}
         out.append(LayerStatus(name=path, module_type=type(layer).__name__, enabled=not model._runtime.disabled,
                                active_adapters=[n for n in model.active_adapters if n in names],
@@ -186,7 +186,7 @@ def get_model_status(model: AdaptedModel) -> ModelStatus:
         peft_types={n: type(c).peft_type for n, c in model.peft_config.items()}, trainable_params=trainable,
         total_params=total, num_adapter_layers=len(layers), enabled=not model._runtime.disabled,
         active_adapters=model.active_adapters, merged_adapters=model.merged_adapters,
-        requires_grad={n: g[0] if all(x == g[0] for x in g) else "irregular" for n, g in grads.items()},
+        requires_grad={n: _grad_state(g) for n, g in grads.items()},
         available_adapters=list(model.peft_config), devices={n: sorted(d) for n, d in devices.items()})
 
 

@@ -396,11 +396,8 @@ class Registry:
         key = (method, hook, owner_only)
         found = self._implements.get(key)
         if found is None:
-            impls = self.caller(method, hook).get_hookimpls()
-            if owner_only:
-                owner = self.owner(method).plugin
-                impls = [i for i in impls if i.plugin is owner]
-            found = bool(impls)
+            found = (self._own_impl(self.owner(method).plugin, hook) if owner_only
+                     else bool(self.caller(method, hook).get_hookimpls()))
             self._implements[key] = found
         return found
 
