@@ -5,8 +5,16 @@ Public for extensions (plugins that teach LoRA new layer types through the ``lor
 """
 
 from .config import LoraConfig
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulePairLayer
+from .layers import (
+           ConvLoraLayer,
+           LoraConv2d,
+           LoraEmbedding,
+           LoraLayer,
+           LoraLinear,
+           ModulePairLayer,
+           new_parameter_kwargs,
+)
 from .plugin import LoraPlugin, plugin
 
-__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraPlugin", "ModulePairLayer",
-           "plugin"]
+__all__ = ["ConvLoraLayer", "LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraPlugin",
+           "ModulePairLayer", "new_parameter_kwargs", "plugin"]

@@ -10,14 +10,16 @@ New parameters are created in the base weight's dtype and device; the core then 
 ``autocast_adapter_dtype`` (fp32 adapters on half-precision models) and ``low_cpu_mem_usage``.
 
 Public for extensions (see :mod:`peft_lora.hookspecs`): :class:`LoraLayer` (the base every LoRA layer
-shares), :class:`ModulePairLayer` (A and B as modules: subclass it for a conv-like layer),
+shares), :class:`ModulePairLayer` (A and B as modules), :class:`ConvLoraLayer` (any ``nn.ConvNd``: name the conv
+class and functional),
 :class:`LoraLinear` (subclass it for a Linear-like layer with another weight format).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,8 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from .functional import lora_linear
 
-__all__ = ["LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulePairLayer", "builtin_layer",
-           "supported_base"]
+__all__ = ["ConvLoraLayer", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulePairLayer",
+           "builtin_layer", "new_parameter_kwargs", "supported_base"]
 
 
 def _conv1d_type() -> type | None:
@@ -59,7 +61,8 @@ def supported_base(module: nn.Module) -> str | None:
     return None
 
 
-def _new_kw(weight: torch.Tensor) -> dict[str, Any]:
+def new_parameter_kwargs(weight: torch.Tensor) -> dict[str, Any]:
+    """``device``/``dtype`` for an adapter tensor created beside ``weight`` (fp32 beside a non-float weight)."""
     # like the weight they sit beside; the core keeps half-precision adapters in fp32
     # (autocast_adapter_dtype) and moves them to meta (low_cpu_mem_usage) afterwards
     return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
@@ -241,7 +244,7 @@ class LoraLinear(ModulePairLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
-        kw = _new_kw(self.base_layer.weight)
+        kw = new_parameter_kwargs(self.base_layer.weight)
         self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
                     nn.Linear(r, self.out_features, bias=False, **kw), r, init)
 
@@ -288,7 +291,7 @@ class LoraEmbedding(LoraLayer):
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         w = self.base_layer.weight
-        kw = _new_kw(w)
+        kw = new_parameter_kwargs(w)
         a = nn.Parameter(torch.empty(r, w.shape[0], **kw))
         b = nn.Parameter(torch.empty(w.shape[1], r, **kw))
         if init is False:
@@ -346,28 +349,34 @@ class LoraEmbedding(LoraLayer):
         return result
 
 
-class LoraConv2d(ModulePairLayer):
-    """LoRA for ``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
+_CONV_LAYOUT = {3: "(batch, channels, length)", 4: "(batch, channels, height, width)",
+                5: "(batch, channels, depth, height, width)"}
 
-    def __init__(self, base_layer: nn.Conv2d, runtime: AdapterRuntime) -> None:
-        super().__init__(base_layer, runtime)
+
+class ConvLoraLayer(ModulePairLayer):
+    """LoRA for a convolution: A is a conv like the base one (kernel, stride, padding, dilation, padding mode), B
+    a kernel-1 conv from r to the output channels, so ``B(A(x))`` is the conv whose weight (``B @ A`` per kernel
+    tap) merges into the base. A subclass names its conv class and functional (``nn.Conv1d``/``F.conv1d``...)."""
+
+    conv_cls: ClassVar[type[nn.Module]]
+    conv_fn: ClassVar[Callable[..., torch.Tensor]]
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
-        kw = _new_kw(base.weight)
-        # the base's padding mode too: merging folds B A into the base conv, which pads its own way, so an
-        # A that always zero-pads would make merged outputs differ (Hugging Face PEFT's A zero-pads)
-        a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                      bias=False, padding_mode=base.padding_mode, **kw)
-        self._store(name, a, nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
+        kw = new_parameter_kwargs(base.weight)
+        # the base's padding mode and dilation too: merging folds B A into the base conv, which pads its own way,
+        # so an A that always zero-pads would make merged outputs differ (Hugging Face PEFT's A zero-pads)
+        a = self.conv_cls(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                          bias=False, padding_mode=base.padding_mode, **kw)
+        self._store(name, a, self.conv_cls(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
-        if a.shape[2:] == (1, 1):
-            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-        else:
-            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        a = self.lora_A[name].weight.float()  # (r, in, *kernel)
+        b = self.lora_B[name].weight.float()  # (out, r, 1, ...)
+        if all(k == 1 for k in a.shape[2:]):
+            delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        else:  # delta[o, i, *t] = sum_r b[o, r] a[r, i, *t]: a conv of A's taps (as a batch of inputs) by B
+            delta = type(self).conv_fn(a.transpose(0, 1), b).transpose(0, 1)
         return delta * self.scaling[name]
 
     def _delta(self, x: torch.Tensor, name: str, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -379,11 +388,23 @@ class LoraConv2d(ModulePairLayer):
         result = self.base_layer(x, *args, **kwargs)
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
+            if x.dim() != self.base_layer.weight.dim():
+                # an unbatched input has no rows: its channel dimension would be read as the batch
+                layout = _CONV_LAYOUT.get(self.base_layer.weight.dim(), "(batch, channels, ...)")
+                raise AdapterError(f"adapter_names=[...] needs a batched {layout} input for {type(self).__name__}, "
+                                   f"got shape {tuple(x.shape)}; add a batch dimension")
             return self._routed_rows(x, routing, result, lambda rows, name: self._delta(rows, name, 0.0, result.dtype))
         training = self.training
         for name in self._live():
             result = result + self._delta(x, name, self.dropout_p[name] if training else 0.0, result.dtype)
         return result
+
+
+class LoraConv2d(ConvLoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
+
+    conv_cls = nn.Conv2d
+    conv_fn = F.conv2d
 
 
 def builtin_layer(module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | None:
