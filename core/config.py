@@ -8,6 +8,7 @@ ever reads the fields defined here; everything else belongs to the method.
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from .errors import ConfigError
-from .tasks import TaskType
+from .tasks import PeftType, TaskType
 
 __all__ = ["ANY", "CONFIG_NAME", "FrozenDict", "PeftConfig", "check", "short_repr", "to_str_tuple"]
 
@@ -187,6 +188,11 @@ class _ConfigMeta(type):
 
     def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> None:
         super().__init__(name, bases, namespace)
+        # PEFT's peft_type is a str enum (``config.peft_type.value`` works); a third party's own name, which
+        # PeftType does not list, stays a plain string. Both compare equal to the string.
+        declared = namespace.get("peft_type")
+        if isinstance(declared, str) and declared in PeftType._value2member_map_:
+            cls.peft_type = PeftType(declared)
         frozen = namespace.get("__setattr__")
         if frozen is not None and getattr(frozen, "__name__", "") == "_frozen_setattrs":
             def __setattr__(self: Any, key: str, value: Any) -> None:
@@ -215,6 +221,23 @@ class _ConfigMeta(type):
         return super().__call__(*args, **kwargs)
 
 
+#: The Hugging Face PEFT release whose file format peft-core writes (and tests against).
+PEFT_FORMAT_VERSION = "0.21.0"
+
+
+@functools.cache
+def written_version() -> str:
+    """``peft_version`` as written to ``adapter_config.json``: ``"0.21.0+peftcore.0.1.0"`` (PEP 440, so PEFT's
+    version checks read the format release and ignore the local label)."""
+    try:
+        from importlib.metadata import version
+
+        own = version("peft-core")
+    except Exception:  # running from a source tree that is not installed
+        own = "0"
+    return f"{PEFT_FORMAT_VERSION}+peftcore.{own}"
+
+
 @attrs.frozen(kw_only=True)
 class PeftConfig(metaclass=_ConfigMeta):
     """Fields every adapter has. Subclasses add their method's own.
@@ -235,7 +258,10 @@ class PeftConfig(metaclass=_ConfigMeta):
     modules_to_save: tuple[str, ...] | None = attrs.field(
         default=None, converter=to_str_tuple, validator=check(tuple, optional=True,
                                                               fix="Give a list of module names."))
-    peft_version: str | None = attrs.field(default=None, eq=False, validator=check(str, optional=True))
+    #: Who wrote the file, in a form PEFT parses (it reads the version to pick old file layouts, e.g. OFT's):
+    #: the PEFT release whose format is written, with peft-core's own version as the local label.
+    peft_version: str | None = attrs.field(factory=lambda: written_version(), eq=False,
+                                           validator=check(str, optional=True))
     auto_mapping: dict[str, Any] | None = attrs.field(default=None, eq=False,
                                                       validator=check(dict, optional=True))
 
@@ -248,6 +274,7 @@ class PeftConfig(metaclass=_ConfigMeta):
         return out
 
     def to_json_string(self) -> str:
+        """``to_dict()`` as the JSON text written to ``adapter_config.json`` (sorted keys, indented)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -289,6 +316,7 @@ class PeftConfig(metaclass=_ConfigMeta):
 
     # ----------------------------------------------------------------- files
     def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed; written atomically)."""
         from .serialization import atomic_write_bytes
 
         path = Path(save_directory)
@@ -297,6 +325,7 @@ class PeftConfig(metaclass=_ConfigMeta):
 
     @classmethod
     def from_json_file(cls: type[C], path: str | Path) -> C:
+        """Read a config from a JSON file (``adapter_config.json``); unknown fields are dropped with a warning."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

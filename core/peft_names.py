@@ -8,7 +8,6 @@ plugins (their package's ``__all__``), never from here. Names of PEFT that peft-
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .errors import PeftCoreError
+from .tasks import PeftType
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -28,43 +28,6 @@ __all__ = ["LayerStatus", "ModelStatus", "PeftError", "PeftType", "PeftWarning",
            "unsupported_message"]
 
 
-class PeftType(str, enum.Enum):
-    """Hugging Face PEFT's method names, as ``adapter_config.json`` writes them in ``peft_type``. A str enum:
-    ``config.peft_type == PeftType.LORA``. Which of them are installed: ``peft-core list-methods``."""
-
-    PROMPT_TUNING = "PROMPT_TUNING"
-    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    BOFT = "BOFT"
-    ADAPTION_PROMPT = "ADAPTION_PROMPT"
-    IA3 = "IA3"
-    LOHA = "LOHA"
-    LOKR = "LOKR"
-    OFT = "OFT"
-    POLY = "POLY"
-    LN_TUNING = "LN_TUNING"
-    VERA = "VERA"
-    FOURIERFT = "FOURIERFT"
-    XLORA = "XLORA"
-    HRA = "HRA"
-    VBLORA = "VBLORA"
-    CPT = "CPT"
-    MISS = "MISS"
-    RANDLORA = "RANDLORA"
-    ROAD = "ROAD"
-    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
-    SHIRA = "SHIRA"
-    C3A = "C3A"
-    WAVEFT = "WAVEFT"
-    OSF = "OSF"
-    DELORA = "DELORA"
-    GRALORA = "GRALORA"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: PEFT's base error class: peft-core's own.
