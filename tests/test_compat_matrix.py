@@ -319,14 +319,15 @@ def test_peft_features_we_lack_are_a_config_error_in_the_constructor_too(field, 
         LoraConfig(target_modules=["q_proj"], **{field: value})
 
 
-def test_a_fresh_config_without_peft_version_loads_in_peft_silently(tmp_path):
-    """We write ``"peft_version": null`` (the file was not written by a PEFT release); PEFT 0.21 checks the
-    version for none of these methods and fills in its own, without a warning."""
+def test_a_fresh_config_writes_a_peft_version_that_peft_loads_silently(tmp_path):
+    """We write ``"peft_version": "0.21.0+peftcore.<ours>"``: the PEFT format release, our version as the PEP 440
+    local label. PEFT 0.21 loads it without a warning and keeps it."""
     LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
-    assert _json(tmp_path)["peft_version"] is None
+    written = _json(tmp_path)["peft_version"]
+    assert written.startswith("0.21.0+peftcore.")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert peft.PeftConfig.from_pretrained(tmp_path).peft_version == peft.__version__
+        assert peft.PeftConfig.from_pretrained(tmp_path).peft_version == written
 
 
 def test_unknown_fields_from_newer_versions_give_one_warning_naming_them(tmp_path):

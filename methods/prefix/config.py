@@ -30,8 +30,10 @@ class PrefixTuningConfig(PeftConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
-    num_virtual_tokens: int = attrs.field(default=None, validator=check(
-        int, low=1, high=1_000_000, fix="It is the number of virtual key/value positions, e.g. 20."))
+    # Optional at construction, as in PEFT (code built for it fills fields after constructing); required by
+    # get_peft_model, which says so (see complete_config).
+    num_virtual_tokens: int | None = attrs.field(default=None, validator=check(
+        int, optional=True, low=1, high=1_000_000, fix="It is the number of virtual key/value positions, e.g. 20."))
     token_dim: int | None = attrs.field(default=None, validator=check(int, optional=True, low=1, fix=_SIZE))
     num_transformer_submodules: int | None = attrs.field(
         default=None, validator=check(int, optional=True, choices=(1, 2),

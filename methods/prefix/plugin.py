@@ -81,6 +81,11 @@ class PrefixTuningPlugin:
 
     @hookimpl
     def complete_config(self, model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningConfig:
+        if config.num_virtual_tokens is None:
+            raise ConfigError("PrefixTuningConfig.num_virtual_tokens is not set: give it before get_peft_model "
+                              "(it is the number of virtual key/value positions, "
+                              "e.g. PrefixTuningConfig(num_virtual_tokens=20, ...) or "
+                              "config.replace(num_virtual_tokens=20))")
         sizes = model_sizes(model)
         changes: dict[str, Any] = {}
         name = type(model).__name__

@@ -86,6 +86,11 @@ class PromptTuningPlugin:
 
     @hookimpl
     def complete_config(self, model: nn.Module, config: PromptTuningConfig) -> PromptTuningConfig:
+        if config.num_virtual_tokens is None:
+            raise ConfigError("PromptTuningConfig.num_virtual_tokens is not set: give it before get_peft_model "
+                              "(it is the number of virtual tokens, "
+                              "e.g. PromptTuningConfig(num_virtual_tokens=20, ...) "
+                              "or config.replace(num_virtual_tokens=20))")
         sizes = model_sizes(model)
         changes: dict[str, Any] = {}
         if config.token_dim is None:
