@@ -37,6 +37,12 @@ class _BoundForward:
         return self._model._forward(*args, **kwargs)
 
     @property
+    def __doc__(self) -> str | None:  # type: ignore[override]  # help(model.forward) describes this forward
+        from .model import AdaptedModel
+
+        return AdaptedModel._forward.__doc__
+
+    @property
     def __signature__(self) -> inspect.Signature:
         return _signature_with_routing(type(self._model.base_model))
 

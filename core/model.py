@@ -10,8 +10,8 @@ positional binding, mixed-batch checks).
 
 from __future__ import annotations
 
-import functools
 import os
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -107,10 +107,13 @@ class AdaptedModel(nn.Module):
                 raise
         for spec, _ in self._registry.methods():
             if name in spec.operations:
-                return functools.partial(spec.operations[name], self)
+                # a bound method, so help() and signature() show the operation's own (PEFT's API)
+                return types.MethodType(spec.operations[name], self)
         return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
+        """The user's model, with the adapter layers in it (PEFT: ``model.get_base_model()``). Calling it runs the
+        active adapters too; ``with model.disable_adapter():`` runs it without them."""
         return self.base_model
 
     @property
@@ -147,6 +150,7 @@ class AdaptedModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
+        """The names of the adapters a forward runs, in order (a copy: change it with ``set_adapter``)."""
         return list(self._runtime.active)
 
     @property
@@ -189,6 +193,7 @@ class AdaptedModel(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
+        """PEFT's older spelling: the active adapter's name, or the list when several are active."""
         active = self._runtime.active
         return active[0] if len(active) == 1 else list(active)
 
@@ -355,6 +360,7 @@ class AdaptedModel(nn.Module):
     # ------------------------------------------------------------------ merging
     @property
     def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weights, in merge order (``unmerge_adapter`` undoes the last)."""
         return list(self._merges.merged)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -451,12 +457,19 @@ class AdaptedModel(nn.Module):
             yield
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward (same arguments, same output) with the active adapters applied.
+
+        ``adapter_names`` (one name per batch row, ``"__base__"`` for the bare model) routes a mixed batch: each
+        row goes through its own adapter, as PEFT's ``adapter_names``. Layers that cannot route refuse it with an
+        AdapterError."""
         with self._routed(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
     forward = ForwardWithBaseSignature()
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` (same arguments) with the active adapters, or with ``adapter_names``
+        routing each batch row to its adapter (see ``forward``)."""
         with self._routed(adapter_names, args, kwargs):
             return self.base_model.generate(*args, **kwargs)
 
@@ -472,6 +485,7 @@ class AdaptedModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: ``trainable params: 73,728 || all params: 4,457,728 || trainable%: 1.6539``."""
         trainable, total = self.get_nb_trainable_parameters()
         pct = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
