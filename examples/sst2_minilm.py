@@ -51,7 +51,7 @@ def accuracy(model, tokenizer, texts: list[str], labels: list[int], batch_size: 
 
 
 def run(train_rows: int = 4000, dev_rows: int | None = None, epochs: int = 1, batch_size: int = 16,
-        lr: float = 2e-3, data: Path = DEFAULT_DATA, seed: int = 0) -> dict[str, float]:
+        lr: float = 2e-3, data: Path = DEFAULT_DATA, seed: int = 0, progress: bool = False) -> dict[str, float]:
     torch.manual_seed(seed)
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -61,11 +61,16 @@ def run(train_rows: int = 4000, dev_rows: int | None = None, epochs: int = 1, ba
     model.print_trainable_parameters()
     train_x, train_y = read_tsv(data / "train.tsv", train_rows)
     dev_x, dev_y = read_tsv(data / "dev.tsv", dev_rows)
+    say = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
+    say(f"{len(train_x)} training rows, {len(dev_x)} dev rows; measuring dev accuracy before training...")
     before = accuracy(model, tokenizer, dev_x, dev_y)
+    say(f"dev accuracy before: {before:.3f}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     start = time.time()
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    steps = epochs * ((len(train_x) + batch_size - 1) // batch_size)
+    done = 0
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train_x), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
@@ -76,7 +81,12 @@ def run(train_rows: int = 4000, dev_rows: int | None = None, epochs: int = 1, ba
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            done += 1
+            if done % max(1, steps // 10) == 0 or done == steps:  # a line every ~10%: minutes are not silent
+                say(f"epoch {epoch + 1}/{epochs} step {done}/{steps} loss {loss.item():.4f} "
+                    f"({time.time() - start:.0f} s)")
     seconds = time.time() - start
+    say("measuring dev accuracy after training...")
     after = accuracy(model, tokenizer, dev_x, dev_y)
     return {"dev_accuracy_before": before, "dev_accuracy_after": after, "train_seconds": seconds}
 
@@ -89,7 +99,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    result = run(args.train_rows, args.dev_rows, args.epochs, data=args.data)
+    result = run(args.train_rows, args.dev_rows, args.epochs, data=args.data, progress=True)
     print(f"dev accuracy before {result['dev_accuracy_before']:.3f} -> after {result['dev_accuracy_after']:.3f} "
           f"({result['train_seconds']:.0f} s training)")
 
