@@ -11,6 +11,7 @@ positional binding, mixed-batch checks).
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,15 @@ class AdaptedModel(nn.Module):
                 # a bound method, so help() and signature() show the operation's own (PEFT's API)
                 return types.MethodType(spec.operations[name], self)
         return getattr(self.base_model, name)
+
+    @property
+    def is_distributed_loading_by_transformers(self) -> Any:
+        """The base model's flag. ``transformers.Trainer.__init__`` reads it, which makes it the one early moment
+        to tell a user of the stock Trainer that its checkpoints will not work (it knows only ``PreTrainedModel``
+        and PEFT's ``PeftModel``: it saves the whole state dict, and crashes at the first checkpoint on
+        tied-weight models) and which Trainer to use instead."""
+        _warn_if_stock_trainer(sys._getframe(1).f_locals.get("self"))
+        return getattr(self.base_model, "is_distributed_loading_by_transformers", False)
 
     def get_base_model(self) -> nn.Module:
         """The user's model, with the adapter layers in it (PEFT: ``model.get_base_model()``). Calling it runs the
@@ -610,3 +620,17 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
+
+
+def _warn_if_stock_trainer(caller: object) -> None:
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None or not isinstance(caller, trainer_module.Trainer):
+        return
+    if getattr(caller, "_peft_core_adapter_checkpoints", False):  # built with peft-core's integration
+        return
+    warnings.warn(
+        f"{type(caller).__name__} is a transformers Trainer that does not know peft-core models: its checkpoints "
+        "would hold the whole model's state dict, and on tied-weight models (GPT-2, T5) the first checkpoint fails "
+        "with 'Some tensors share memory'. Use peft_core.integrations.transformers.AdapterTrainer (adapter-only "
+        "checkpoints, resume, best-model loading), or save with model.save_pretrained().",
+        UserWarning, stacklevel=3)

@@ -62,3 +62,29 @@ def test_plain_signature_keeps_dataset_columns():
     model = get_peft_model(tiny_gpt2(), LoraConfig(task_type="CAUSAL_LM"))
     params = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+
+
+def test_the_stock_trainer_is_warned_about_at_construction_not_at_the_first_checkpoint(tmp_path):
+    """transformers.Trainer knows only PreTrainedModel and PEFT's PeftModel: given a peft-core model it saves the whole
+    state dict, which fails on GPT-2's tied embeddings at the first checkpoint. The user hears it before training."""
+    import warnings
+
+    import pytest
+    from peft_core import LoraConfig, get_peft_model
+    from peft_core.integrations.transformers import AdapterTrainer
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.warns(UserWarning, match=r"Trainer .*does not know peft-core models.*AdapterTrainer"):
+        Trainer(model=model, args=args, train_dataset=Copy())
+
+    class MyTrainer(AdapterTrainer):  # a user's subclass of the integration is not warned about
+        pass
+
+    for cls in (AdapterTrainer, MyTrainer):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*does not know peft-core models")
+            cls(model=model, args=args, train_dataset=Copy())
+    # the attribute the Trainer reads is the base model's, as before
+    assert model.is_distributed_loading_by_transformers is False

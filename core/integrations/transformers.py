@@ -30,6 +30,9 @@ _TRAINING_ARGS_NAME = "training_args.bin"
 class AdapterTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose checkpoints of a peft-core model hold only the adapter(s)."""
 
+    #: Read by AdaptedModel: a Trainer with this mark checkpoints adapters, so the stock-Trainer warning is not given.
+    _peft_core_adapter_checkpoints = True
+
     def _adapted(self, model: torch.nn.Module | None = None) -> AdaptedModel | None:
         inner = self.accelerator.unwrap_model(model if model is not None else self.model)
         return inner if isinstance(inner, AdaptedModel) else None
