@@ -115,15 +115,22 @@ def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mappin
     for disk, key in mts.items():  # the copy's own key wins over any alias a method maps to it
         if disk in weights:
             mapped[key] = weights[disk]
+    # errors name the keys the user passed, not the in-memory names they map to: a plugin's state_dict_load
+    # hands the user's tensors on unchanged in the common case, so the tensor's identity finds its key again
+    given = {id(v): k for k, v in weights.items()}
+
+    def shown(key: str) -> str:
+        return given.get(id(mapped[key]), key)
+
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(model.named_buffers())
-    unexpected = sorted(k for k in mapped if k not in targets)
+    unexpected = sorted(shown(k) for k in mapped if k not in targets)
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) match nothing in "
                               f"{type(model.base_model).__name__}: {_first(unexpected)}. The adapter was "
                               "made for another architecture, or its keys are not in PEFT's format")
     order = {k: i for i, k in enumerate(targets)}  # report in model order: the first mismatching modules first
-    bad_shape = [f"{k} {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
+    bad_shape = [f"{shown(k)} {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
                  for k, v in sorted(mapped.items(), key=lambda kv: order[kv[0]])
                  if tuple(v.shape) != tuple(targets[k].shape)]
     if bad_shape:
@@ -135,7 +142,7 @@ def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mappin
                               f"from the file: {_first(missing)}")
     # only a floating tensor fits a floating parameter: copy_ would turn ints and bools into floats silently,
     # and drop the imaginary part of complex values
-    bad_dtype = [f"{k} ({v.dtype})" for k, v in mapped.items()
+    bad_dtype = [f"{shown(k)} ({v.dtype})" for k, v in mapped.items()
                  if targets[k].is_floating_point() and not v.is_floating_point()]
     if bad_dtype:
         raise CheckpointError(f"{source}: {len(bad_dtype)} tensor(s) are not floating point, but the parameters "

@@ -90,3 +90,16 @@ def test_help_on_model_methods_shows_their_own_docs_and_signatures() -> None:
     assert "adapter_names" in (inspect.getdoc(model.forward) or "")
     with torch.no_grad():
         assert torch.equal(model.forward(**model_inputs("gpt2")).logits, model(**model_inputs("gpt2")).logits)
+
+
+def test_load_errors_name_the_keys_the_user_passed() -> None:
+    model = pc.get_peft_model(tiny_gpt2(), pc.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]))
+    tensors = pc.get_peft_model_state_dict(model)
+    typo = {k.replace("c_attn", "c_atn"): v for k, v in tensors.items()}
+    with pytest.raises(pc.CheckpointError) as info:
+        pc.set_peft_model_state_dict(model, typo)
+    assert next(iter(typo)) in str(info.value) and ".default." not in str(info.value)
+    short = {k: v[:1] for k, v in tensors.items()}
+    with pytest.raises(pc.CheckpointError, match="shape mismatch") as info:
+        pc.set_peft_model_state_dict(model, short)
+    assert next(iter(short)) in str(info.value) and ".default." not in str(info.value)
