@@ -103,3 +103,11 @@ def test_load_errors_name_the_keys_the_user_passed() -> None:
     with pytest.raises(pc.CheckpointError, match="shape mismatch") as info:
         pc.set_peft_model_state_dict(model, short)
     assert next(iter(short)) in str(info.value) and ".default." not in str(info.value)
+
+
+def test_a_regex_target_modules_with_layers_to_transform_is_refused_as_peft_does() -> None:
+    with pytest.raises(ValueError):
+        peft.LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+    with pytest.raises(pc.ConfigError, match="layers_to_transform cannot be combined with a regex"):
+        pc.LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+    assert pc.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0]).layers_to_transform == (0,)

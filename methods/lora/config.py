@@ -122,6 +122,11 @@ class LoraConfig(PeftConfig):
                                                         validator=_pattern_values((int, float)))  # type: ignore[arg-type]
 
     def __attrs_post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # as PEFT: a regex already says which layers it matches, so a second layer filter is ambiguous
+            raise ConfigError(f"LoraConfig.layers_to_transform cannot be combined with a regex target_modules "
+                              f"({self.target_modules!r}); put the layer indices in the regex, or give "
+                              "target_modules as a list of names")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern only has a meaning with layers_to_transform; "
                               "set layers_to_transform too, or drop layers_pattern")
