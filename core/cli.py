@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from .errors import PluginError
@@ -13,14 +14,27 @@ from .tasks import TaskType
 __all__ = ["main"]
 
 
-def _table(rows: list[list[str]]) -> str:
+def _table(rows: list[list[str]], width: int = 100) -> str:
+    """Columns padded to their widest cell; the last (the summary) wraps so that a line fits ``width``
+    (an 80-100 column terminal), its continuation lines under its start."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    indent = sum(widths[:-1]) + 2 * (len(widths) - 1)
+    widths[-1] = min(widths[-1], max(24, width - indent))
     lines = []
     for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        last = textwrap.wrap(row[-1], widths[-1]) or [""]
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip([*row[:-1], last[0]], widths)).rstrip())
+        lines.extend(" " * indent + more for more in last[1:])
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _task_types(names: list[str]) -> str:
+    if len(names) == len(TaskType):
+        return "all"
+    missing = [t.value for t in TaskType if t.value not in names]
+    return "all but " + ",".join(missing) if len(missing) < len(names) else ",".join(names)
 
 
 def list_methods(as_json: bool, strict: bool) -> int:
@@ -42,7 +56,7 @@ def list_methods(as_json: bool, strict: bool) -> int:
         return 0
     header = ["method", "distribution", "version", "mergeable", "task types", "summary"]
     body = [[r["method"], r["distribution"], r["version"], "yes" if r["mergeable"] else "no",
-             "all" if len(r["task_types"]) == len(TaskType) else ",".join(r["task_types"]), r["summary"]]
+             _task_types(list(r["task_types"])), r["summary"]]
             for r in rows]
     print(_table([header, *body]) if body else "no methods installed")
     if extensions:
