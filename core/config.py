@@ -229,13 +229,9 @@ PEFT_FORMAT_VERSION = "0.21.0"
 def written_version() -> str:
     """``peft_version`` as written to ``adapter_config.json``: ``"0.21.0+peftcore.0.1.0"`` (PEP 440, so PEFT's
     version checks read the format release and ignore the local label)."""
-    try:
-        from importlib.metadata import version
+    from . import __version__  # late: the package imports this module; called once a config is built
 
-        own = version("peft-core")
-    except Exception:  # running from a source tree that is not installed
-        own = "0"
-    return f"{PEFT_FORMAT_VERSION}+peftcore.{own}"
+    return f"{PEFT_FORMAT_VERSION}+peftcore.{__version__}"
 
 
 @attrs.frozen(kw_only=True)
@@ -260,7 +256,7 @@ class PeftConfig(metaclass=_ConfigMeta):
                                                               fix="Give a list of module names."))
     #: Who wrote the file, in a form PEFT parses (it reads the version to pick old file layouts, e.g. OFT's):
     #: the PEFT release whose format is written, with peft-core's own version as the local label.
-    peft_version: str | None = attrs.field(factory=lambda: written_version(), eq=False,
+    peft_version: str | None = attrs.field(factory=written_version, eq=False,
                                            validator=check(str, optional=True))
     auto_mapping: dict[str, Any] | None = attrs.field(default=None, eq=False,
                                                       validator=check(dict, optional=True))

@@ -28,8 +28,6 @@ __all__ = ["LayerStatus", "ModelStatus", "PeftError", "PeftType", "PeftWarning",
            "unsupported_message"]
 
 
-
-
 #: PEFT's base error class: peft-core's own.
 PeftError = PeftCoreError
 
