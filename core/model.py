@@ -633,4 +633,4 @@ def _warn_if_stock_trainer(caller: object) -> None:
         "would hold the whole model's state dict, and on tied-weight models (GPT-2, T5) the first checkpoint fails "
         "with 'Some tensors share memory'. Use peft_core.integrations.transformers.AdapterTrainer (adapter-only "
         "checkpoints, resume, best-model loading), or save with model.save_pretrained().",
-        UserWarning, stacklevel=3)
+        UserWarning, stacklevel=4)  # warn, this helper, the property, Trainer.__init__: the user's Trainer(...) line
