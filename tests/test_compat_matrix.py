@@ -313,7 +313,8 @@ def test_peft_config_keywords_build_our_config(case, tmp_path):
     assert type(ours)(**{k: v for k, v in written.items() if k != "peft_type"}) == ours
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]])])
+@pytest.mark.parametrize("field,value", [("use_qalora", True), ("kasa_config", {"alpha": 1}),
+                                         ("velora_config", {"num_groups": 2})])
 def test_peft_features_we_lack_are_a_config_error_in_the_constructor_too(field, value):
     with pytest.raises(ConfigError, match=f"{field}=.*does not implement"):
         LoraConfig(target_modules=["q_proj"], **{field: value})
@@ -350,9 +351,8 @@ def test_unknown_fields_from_newer_versions_give_one_warning_naming_them(tmp_pat
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]]),
-    ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.gate_proj.weight"]),
-    ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "pissa"),
+    ("use_qalora", True), ("kasa_config", {"alpha": 1}), ("monteclora_config", {"num_samples": 2}),
+    ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "eva"), ("init_lora_weights", "loftq"),
 ])
 def test_peft_features_we_lack_are_a_clear_config_error(field, value, tmp_path):
     ref = peft.get_peft_model(tiny_llama(), configs("llama", "lora")[1])

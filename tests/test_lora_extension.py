@@ -28,7 +28,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from peft_core import AdapterError, LoraConfig, PeftModel, TargetError, get_peft_model, get_registry
+from peft_core import AdapterError, LoraConfig, PeftModel, get_peft_model, get_registry
 from safetensors.torch import load_file
 from torch import nn
 
@@ -198,22 +198,23 @@ def test_installed_extension_is_used_without_registering_it(site: Path) -> None:
     assert result.stdout.split() == ["peft_lora_conv1d", "LoraConv1d", "(2,", "4,", "3)"]
 
 
-def test_without_the_extension_conv1d_is_a_target_error() -> None:
+def test_without_the_extension_lora_s_own_conv1d_layer_answers() -> None:
+    """LoRA now has its own nn.Conv1d layer (the extension, when installed, is asked first and wins)."""
     _not_installed_here()
     assert "lora_conv1d" not in {r.name for r in get_registry().plugins()}
     model = convnet()
-    before = _base_weights(model)
-    with pytest.raises(TargetError, match=r"module 'conv' is a torch\.nn\.modules\.conv\.Conv1d"):
-        get_peft_model(model, _config())
-    assert isinstance(model.conv, nn.Conv1d) and _same_bits(_base_weights(model), before)  # untouched
+    peft_model = get_peft_model(model, _config())
+    layer = peft_model.get_base_model().conv
+    assert type(layer).__module__ == "peft_lora.layers" and type(layer).__name__ == "LoraConv1d"
 
 
-def test_grouped_conv1d_is_still_a_target_error(extension: ModuleType) -> None:
+def test_grouped_conv1d_falls_through_the_extension_to_lora_s_own_layer(extension: ModuleType) -> None:
+    """The extension declines groups != 1 (returns None); LoRA's built-in layer, asked last, takes it."""
     torch.manual_seed(0)
     model = ConvNet(3, groups=2)
-    with pytest.raises(TargetError, match=r"module 'conv' is a torch\.nn\.modules\.conv\.Conv1d"):
-        get_peft_model(model, _config())
-    assert type(model.conv) is nn.Conv1d
+    layer = get_peft_model(model, _config()).get_base_model().conv
+    assert type(layer).__module__ == "peft_lora.layers"
+    assert layer.lora_B["default"].groups == 2
 
 
 # ---------------------------------------------------------------- using it, with Hugging Face PEFT as the oracle

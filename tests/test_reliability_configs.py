@@ -208,7 +208,7 @@ DROP = object()
     ("huge int alpha", {"lora_alpha": 10**400}, "lora_alpha", ConfigError),
     ("targets matching nothing", {"target_modules": ["nothing_here"]}, "target_modules", peft_core.TargetError),
     ("catastrophic regex", {"target_modules": "(.*){1,32}z"}, "target_modules", ConfigError),
-    ("unsupported PEFT feature", {"use_dora": True}, "use_dora", ConfigError),
+    ("unsupported PEFT feature", {"use_qalora": True}, "use_qalora", ConfigError),
 ])
 def test_named_bad_configs(tmp_path, what, change, field, error):
     t = Target("LORA", tmp_path)

@@ -7,7 +7,9 @@ Public for extensions (plugins that teach LoRA new layer types through the ``lor
 from .config import LoraConfig
 from .layers import (
            ConvLoraLayer,
+           LoraConv1d,
            LoraConv2d,
+           LoraConv3d,
            LoraEmbedding,
            LoraLayer,
            LoraLinear,
@@ -15,6 +17,7 @@ from .layers import (
            new_parameter_kwargs,
 )
 from .plugin import LoraPlugin, plugin
+from .variant import LoraVariant
 
-__all__ = ["ConvLoraLayer", "LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraPlugin",
-           "ModulePairLayer", "new_parameter_kwargs", "plugin"]
+__all__ = ["ConvLoraLayer", "LoraConfig", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLayer",
+           "LoraLinear", "LoraPlugin", "LoraVariant", "ModulePairLayer", "new_parameter_kwargs", "plugin"]

@@ -79,9 +79,12 @@ def _int_to_float(value: Any) -> Any:
 
 
 def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not (value is True or value is False or value == "gaussian"):
-        raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {short_repr(value)} "
-                          "(other PEFT initialisations are not supported by this plugin)")
+    from .init import valid_init
+
+    if not valid_init(value):
+        raise ConfigError(f"LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
+                          f"'pissa_niter_<n>', 'olora' or 'orthogonal', got {short_repr(value)} (PEFT's 'loftq', "
+                          "'eva', 'corda', 'lora_ga' and 'mica' are not supported by this plugin)")
 
 
 @attrs.frozen(kw_only=True)
@@ -91,7 +94,7 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = "LORA"
     #: Fields Hugging Face PEFT writes that this plugin accepts only at these (inert) values.
     peft_inert_fields: ClassVar[Mapping[str, Any]] = {
-        "use_dora": False, "lora_bias": False, "use_qalora": False, "layer_replication": None,
+        "lora_bias": False, "use_qalora": False, "layer_replication": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
         "arrow_config": None, "megatron_config": None, "target_parameters": None,
         "trainable_token_indices": None, "ensure_weight_tying": False, "lora_ga_config": None,
@@ -111,6 +114,8 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = attrs.field(default=False, validator=check(bool))
     bias: str = attrs.field(default="none", validator=check(str, choices=("none", "all", "lora_only")))
     use_rslora: bool = attrs.field(default=False, validator=check(bool))
+    #: DoRA: a trained magnitude per output row beside A and B (``peft_lora.dora``); saved as PEFT does.
+    use_dora: bool = attrs.field(default=False, validator=check(bool))
     init_lora_weights: bool | str = attrs.field(default=True, validator=_init_ok)
     layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
                                                                      validator=_layers_ok)

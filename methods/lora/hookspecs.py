@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from .config import LoraConfig
     from .layers import LoraLayer
+    from .variant import LoraVariant
 
 __all__: list[str] = []  # the hook functions below are the contract
 
@@ -63,5 +64,30 @@ def lora_make_layer(module: nn.Module, path: str, runtime: AdapterRuntime, confi
         def lora_make_layer(module, runtime):
             if isinstance(module, torch.nn.Conv1d):
                 return LoraConv1d(module, runtime)
+            return None
+    """
+
+
+@hookspec(firstresult=True)
+def lora_variant(config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant | None:
+    """Choose the variant of LoRA (DoRA, say) that one adapter uses on one layer, or None for plain LoRA.
+
+    When: LoRA's ``inject``, once per targeted layer for the adapter being added, after every layer exists
+    and before any adapter is added (so a refusal leaves the model untouched). ``layer`` is the LoRA layer
+    (new or existing), ``path`` its path in the model, ``config`` the adapter's config.
+
+    Returns (firstresult): a :class:`peft_lora.variant.LoraVariant`, which the layer stores (its module under
+    ``<variant.attr>.<adapter>``, trained and saved with the adapter) and calls in forward and merge; or
+    None to let the next implementation answer. LoRA's own implementation runs last and answers
+    :class:`peft_lora.dora.Dora` for ``use_dora=True``. Raise a TargetError for a layer the variant
+    cannot handle. Extensions claim their adapters by a config field they read (a ``LoraConfig`` subclass
+    of their own, or one of LoRA's fields).
+
+    Example::
+
+        @hookimpl
+        def lora_variant(config, layer):
+            if isinstance(config, MyVariantConfig):
+                return MY_VARIANT  # attr, create(layer, name), forward(...), merged_weight(layer, name)
             return None
     """

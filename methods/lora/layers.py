@@ -24,15 +24,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from peft_core.errors import AdapterError
-from peft_core.merging import RestoreToken, added_exactly, restore_exactly
+from peft_core.merging import RestoreToken, added_exactly, replace_exactly, restore_exactly
 from peft_core.runtime import AdapterRuntime, Routing
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from .functional import lora_linear
+from .variant import LoraVariant
 
-__all__ = ["ConvLoraLayer", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulePairLayer",
-           "builtin_layer", "new_parameter_kwargs", "supported_base"]
+__all__ = ["ConvLoraLayer", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLayer", "LoraLinear",
+           "ModulePairLayer", "builtin_layer", "new_parameter_kwargs", "supported_base"]
 
 
 def _conv1d_type() -> type | None:
@@ -44,7 +45,8 @@ def _conv1d_type() -> type | None:
 
 
 def supported_base(module: nn.Module) -> str | None:
-    """The kind of a layer by its type ("linear", "conv1d", "embedding", "conv2d"), or None. Subclasses count
+    """The kind of a layer by its type ("linear", "conv1d" for transformers' Conv1D, "embedding", "conv1d_torch",
+    "conv2d", "conv3d"), or None. Subclasses count
     (a quantized ``nn.Linear`` is "linear" for ``target_modules="all-linear"``); whether LoRA's built-in
     layers can wrap it is :func:`builtin_layer`'s question."""
     if isinstance(module, LoraLayer):
@@ -58,6 +60,10 @@ def supported_base(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d_torch"  # "conv1d" is transformers' Conv1D (GPT-2), a Linear with a transposed weight
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
     return None
 
 
@@ -87,6 +93,7 @@ class LoraLayer(nn.Module):
         self.dropout_p: dict[str, float] = {}
         self._restore: dict[str, RestoreToken] = {}  # merged adapter -> what unmerge needs for an exact restore
         self.trains_bias: dict[str, bool] = {}  # adapter -> it trains the base layer's bias (bias != "none")
+        self.variants: dict[str, LoraVariant] = {}  # adapter -> its variant (DoRA...), for those that have one
         self._generation = 0  # bumped whenever the held or merged adapters change (invalidates _live's memo)
 
     # ---- subclass interface
@@ -127,7 +134,7 @@ class LoraLayer(nn.Module):
         return list(self.r)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str,
-            trains_bias: bool = False) -> None:
+            trains_bias: bool = False, variant: LoraVariant | None = None) -> None:
         self._generation += 1
         self.trains_bias[name] = trains_bias
         self.r[name] = r
@@ -135,13 +142,43 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout_p[name] = dropout
         self._create(name, r, init)
+        if isinstance(init, str) and init != "gaussian":
+            from .init import initialise  # the data-dependent initialisations (PiSSA, OLoRA, ...)
+
+            initialise(self, name, init)
+        if variant is not None:
+            store = self._modules.get(variant.attr)
+            if store is None:
+                store = nn.ModuleDict()
+                self.add_module(variant.attr, store)
+            store[name] = variant.create(self, name)  # type: ignore[index]
+            self.variants[name] = variant
 
     def drop(self, name: str) -> None:
         self._generation += 1
         self._restore.pop(name, None)
         for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p, self.trains_bias):
             d.pop(name, None)
+        variant = self.variants.pop(name, None)
+        if variant is not None:
+            del getattr(self, variant.attr)[name]
         self._delete(name)
+
+    def variant_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters of ``name``'s variant module (DoRA's magnitude), keyed relative to this layer."""
+        variant = self.variants.get(name)
+        if variant is None:
+            return {}
+        module = getattr(self, variant.attr)[name]
+        return {f"{variant.attr}.{name}.{k}": v for k, v in module.named_parameters()}
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with ``name`` folded in (fp32): what merging writes."""
+        variant = self.variants.get(name)
+        if variant is not None:
+            return variant.merged_weight(self, name)
+        w = self.base_layer.weight
+        return w.detach().float() + self.delta_weight(name).to(w.device)
 
     def _live(self) -> tuple[str, ...]:
         """Active adapters this layer holds and has not merged (memoized: this runs in every forward,
@@ -164,7 +201,16 @@ class LoraLayer(nn.Module):
         self._generation += 1
         weight = self.base_layer.weight
         with torch.no_grad():
-            self._restore[name] = added_exactly(weight, self.delta_weight(name), safe=safe, adapter_name=name)
+            variant = self.variants.get(name)
+            if variant is not None:  # not an addition: write the merged value, remember the changed bits
+                new = variant.merged_weight(self, name)
+                if safe:
+                    from peft_core.merging import check_finite
+
+                    check_finite(new, name)
+                self._restore[name] = replace_exactly(weight, new)
+            else:
+                self._restore[name] = added_exactly(weight, self.delta_weight(name), safe=safe, adapter_name=name)
 
     def unmerge(self, name: str) -> None:
         self._generation += 1
@@ -211,7 +257,8 @@ class ModulePairLayer(LoraLayer):
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         return {f"lora_A.{adapter_name}.weight": self.lora_A[adapter_name].weight,
-                f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight}
+                f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight,
+                **self.variant_parameters(adapter_name)}
 
     def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
                      one: Any) -> torch.Tensor:
@@ -265,20 +312,71 @@ class LoraLinear(ModulePairLayer):
         training = self.training
         # torch's own Linear and transformers' Conv1D keep no reference to their output for backward,
         # so it can take the update in place; any other base layer (a quantized one, say) might, and a
-        # forward hook on the base layer may have kept the output, so then it is left alone
-        inplace = (self.inplace_output and type(self.base_layer) in _OWN_OUTPUT
+        # forward hook on the base layer may have kept the output, so then it is left alone. A variant
+        # (DoRA) reads the base output itself, so then nothing is updated in place.
+        variants = self.variants
+        inplace = (self.inplace_output and type(self.base_layer) in _OWN_OUTPUT and not variants
                    and not self.base_layer._forward_hooks and not _global_forward_hooks)
+        base = self._without_bias(result) if variants else result
         for name in names:
             p = self.dropout_p[name] if training else 0.0
+            variant = variants.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result, base, p)
+                continue
             result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name], p, inplace)
         return result
 
+    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        return result - bias.to(result.dtype) if isinstance(bias, torch.Tensor) else result
+
     def _mixed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row through its own adapter, with one batched matmul pair for all adapters."""
+        """Each row through its own adapter, with one batched matmul pair for all adapters (adapters with a
+        variant, which scale the base output too, group by group)."""
         from .mixed import mixed_linear
 
-        return mixed_linear(self, x, routing, self.base_layer(x, *args, **kwargs))
+        result = self.base_layer(x, *args, **kwargs)
+        if not any(n in self.variants for n in routing.names):
+            return mixed_linear(self, x, routing, result)
+        if len(routing.names) != x.shape[0]:
+            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
+                               f"{x.shape[0]} rows")
+        base = self._without_bias(result)
+        out = result
+        for name in dict.fromkeys(routing.names):
+            if name not in self.r:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
+            xr, rr = x.index_select(0, rows), result.index_select(0, rows)
+            variant = self.variants.get(name)
+            if variant is not None:
+                new = variant.forward(self, name, xr, rr, base.index_select(0, rows), 0.0)
+            else:
+                new = lora_linear(rr, xr, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            out = out.index_copy(0, rows, new.to(out.dtype))
+        return out
+
+    # ---- DoRA's view of this layer (peft_lora.dora.DoraLayout): rows are the output features
+    def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self.base_layer.weight.detach().float()
+        return (w.t() if self.transposed else w, self.lora_B[name].weight.detach().float(),
+                self.lora_A[name].weight.detach().float())
+
+    def dora_base(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.base_layer.weight.to(x.dtype)
+        return x @ w if self.transposed else F.linear(x, w)
+
+    def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+    def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def dora_unrows(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t() if self.transposed else matrix
 
 
 class LoraEmbedding(LoraLayer):
@@ -297,10 +395,9 @@ class LoraEmbedding(LoraLayer):
         if init is False:
             nn.init.normal_(a)
             nn.init.normal_(b)
-        elif init == "gaussian":
-            nn.init.normal_(a, std=1 / r)
-            nn.init.zeros_(b)
         else:
+            # as Hugging Face PEFT, for True and "gaussian" alike: A = 0 and B ~ N(0, 1) (an embedding's own
+            # init); the transposed roles of a Linear's A and B, so the zero factor is the one the ids select
             nn.init.zeros_(a)
             nn.init.normal_(b)
         self.lora_embedding_A[name] = a
@@ -312,7 +409,8 @@ class LoraEmbedding(LoraLayer):
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         return {f"lora_embedding_A.{adapter_name}": self.lora_embedding_A[adapter_name],
-                f"lora_embedding_B.{adapter_name}": self.lora_embedding_B[adapter_name]}
+                f"lora_embedding_B.{adapter_name}": self.lora_embedding_B[adapter_name],
+                **self.variant_parameters(adapter_name)}
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].float()
@@ -330,8 +428,15 @@ class LoraEmbedding(LoraLayer):
         after_a = self._embed(ids, a.t())
         return (after_a @ b.t()).to(dtype) * self.scaling[name]
 
+    def _apply(self, ids: torch.Tensor, name: str, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        variant = self.variants.get(name)
+        if variant is not None:
+            return variant.forward(self, name, ids, result, base, 0.0)  # PEFT drops no embedding ids either
+        return result + self._one(ids, name, result.dtype)
+
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)
+        base = result
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
             if len(routing.names) != ids.shape[0]:
@@ -342,11 +447,29 @@ class LoraEmbedding(LoraLayer):
                 if name not in self.r:
                     continue
                 rows = [i for i, n in enumerate(routing.names) if n == name]
-                out[rows] = out[rows] + self._one(ids[rows], name, result.dtype)
+                out[rows] = self._apply(ids[rows], name, result[rows], base[rows])
             return out
         for name in self._live():
-            result = result + self._one(ids, name, result.dtype)
+            result = self._apply(ids, name, result, base)
         return result
+
+    # ---- DoRA's view (peft_lora.dora.DoraLayout): rows are the embedding dimensions, columns the vocabulary
+    def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.base_layer.weight.detach().float().t(), self.lora_embedding_B[name].detach().float(),
+                self.lora_embedding_A[name].detach().float())
+
+    def dora_base(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(ids, self.base_layer.weight)
+
+    def dora_lora(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return self._embed(ids, a.t()) @ b.t()
+
+    def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def dora_unrows(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t()
 
 
 _CONV_LAYOUT = {3: "(batch, channels, length)", 4: "(batch, channels, height, width)",
@@ -356,21 +479,39 @@ _CONV_LAYOUT = {3: "(batch, channels, length)", 4: "(batch, channels, height, wi
 class ConvLoraLayer(ModulePairLayer):
     """LoRA for a convolution: A is a conv like the base one (kernel, stride, padding, dilation, padding mode), B
     a kernel-1 conv from r to the output channels, so ``B(A(x))`` is the conv whose weight (``B @ A`` per kernel
-    tap) merges into the base. A subclass names its conv class and functional (``nn.Conv1d``/``F.conv1d``...)."""
+    tap) merges into the base. A subclass names its conv class and functional (``nn.Conv1d``/``F.conv1d``...).
+
+    A grouped base conv (``groups > 1``) gets a grouped B, as in Hugging Face PEFT: the rank must be divisible
+    by ``groups``, and such an adapter cannot merge (its update mixes channels across groups, which the base
+    conv's grouped weight cannot hold)."""
 
     conv_cls: ClassVar[type[nn.Module]]
     conv_fn: ClassVar[Callable[..., torch.Tensor]]
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
+        if r % base.groups:
+            from peft_core.errors import TargetError
+
+            raise TargetError(f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
+                              f"{base.groups}, got r={r}: choose another r (rank_pattern can set it for this layer) "
+                              "or do not target it")
         kw = new_parameter_kwargs(base.weight)
         # the base's padding mode and dilation too: merging folds B A into the base conv, which pads its own way,
         # so an A that always zero-pads would make merged outputs differ (Hugging Face PEFT's A zero-pads)
         a = self.conv_cls(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                           bias=False, padding_mode=base.padding_mode, **kw)
-        self._store(name, a, self.conv_cls(r, base.out_channels, 1, 1, bias=False, **kw), r, init)
+        self._store(name, a, self.conv_cls(r, base.out_channels, 1, 1, groups=base.groups, bias=False, **kw), r,
+                    init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            from peft_core.errors import MergeError
+
+            raise MergeError(f"adapter {name!r} on a {type(self.base_layer).__name__} with "
+                             f"groups={self.base_layer.groups} cannot be merged: its update mixes channels across "
+                             "groups, which the grouped base weight cannot hold (Hugging Face PEFT refuses too); "
+                             "keep it unmerged")
         a = self.lora_A[name].weight.float()  # (r, in, *kernel)
         b = self.lora_B[name].weight.float()  # (out, r, 1, ...)
         if all(k == 1 for k in a.shape[2:]):
@@ -393,11 +534,58 @@ class ConvLoraLayer(ModulePairLayer):
                 layout = _CONV_LAYOUT.get(self.base_layer.weight.dim(), "(batch, channels, ...)")
                 raise AdapterError(f"adapter_names=[...] needs a batched {layout} input for {type(self).__name__}, "
                                    f"got shape {tuple(x.shape)}; add a batch dimension")
-            return self._routed_rows(x, routing, result, lambda rows, name: self._delta(rows, name, 0.0, result.dtype))
+            return self._routed_rows(x, routing, result,
+                                     lambda rows, name: self._routed_delta(rows, name, result.dtype))
         training = self.training
+        variants = self.variants
+        base = self._without_bias(result) if variants else result
         for name in self._live():
-            result = result + self._delta(x, name, self.dropout_p[name] if training else 0.0, result.dtype)
+            p = self.dropout_p[name] if training else 0.0
+            variant = variants.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result, base, p)
+            else:
+                result = result + self._delta(x, name, p, result.dtype)
         return result
+
+    def _routed_delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        variant = self.variants.get(name)
+        if variant is None:
+            return self._delta(x, name, 0.0, dtype)
+        base = self.dora_base(x).to(dtype)  # the rows' own base output, bias-free: what the variant rescales
+        return variant.forward(self, name, x, torch.zeros_like(base), base, 0.0)
+
+    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        if bias is None:
+            return result
+        return result - bias.to(result.dtype).view(-1, *(1,) * (self.base_layer.weight.dim() - 2))
+
+    # ---- DoRA's view (peft_lora.dora.DoraLayout): rows are the output channels
+    def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self.base_layer.weight.detach().float()
+        b, a = self.lora_B[name].weight.detach().float(), self.lora_A[name].weight.detach().float()
+        return w.flatten(1), b.flatten(1), a.flatten(1)
+
+    def dora_base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
+
+    def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(x.to(a.weight.dtype)))
+
+    def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(1, -1, *(1,) * (self.base_layer.weight.dim() - 2))
+
+    def dora_unrows(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.base_layer.weight.shape)
+
+
+class LoraConv1d(ConvLoraLayer):
+    """LoRA for ``torch.nn.Conv1d`` (not transformers' GPT-2 ``Conv1D``, which is a Linear-like layer)."""
+
+    conv_cls = nn.Conv1d
+    conv_fn = F.conv1d
 
 
 class LoraConv2d(ConvLoraLayer):
@@ -407,9 +595,16 @@ class LoraConv2d(ConvLoraLayer):
     conv_fn = F.conv2d
 
 
+class LoraConv3d(ConvLoraLayer):
+    """LoRA for ``nn.Conv3d``."""
+
+    conv_cls = nn.Conv3d
+    conv_fn = F.conv3d
+
+
 def builtin_layer(module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | None:
     """LoRA's own layer for ``module``, or None when LoRA's built-in layers do not handle its type: torch's
-    Linear, Embedding and Conv2d (groups=1) and transformers' Conv1D, with floating-point weights (a
+    Linear, Embedding, Conv1d/2d/3d and transformers' Conv1D, with floating-point weights (a
     quantized subclass of ``nn.Linear`` needs an extension plugin that knows its weight format)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
@@ -421,6 +616,11 @@ def builtin_layer(module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | Non
         return LoraLinear(module, runtime)
     if kind == "embedding":
         return LoraEmbedding(module, runtime)  # type: ignore[arg-type]
-    if kind == "conv2d" and module.groups == 1:  # type: ignore[union-attr]
-        return LoraConv2d(module, runtime)  # type: ignore[arg-type]
+    conv = _CONV_LAYERS.get(kind)  # type: ignore[arg-type]
+    if conv is not None:
+        return conv(module, runtime)
     return None
+
+
+_CONV_LAYERS: dict[str, type[ConvLoraLayer]] = {"conv1d_torch": LoraConv1d, "conv2d": LoraConv2d,
+                                                "conv3d": LoraConv3d}

@@ -16,16 +16,21 @@ from torch import nn
 
 from . import hookspecs
 from .config import LoraConfig
+from .dora import Dora
 from .layers import LoraLayer, builtin_layer, supported_base
 from .operations import add_weighted_adapter
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
+from .variant import LoraVariant
 
 __all__ = ["LoraPlugin", "plugin"]
 
-_PARAM = re.compile(r"\.(lora_A|lora_B)\.([^.]+)\.weight$")
+_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
 _EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
 _DISK_PARAM = re.compile(r"\.(lora_A|lora_B)\.weight$")
 _DISK_EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)$")
+#: DoRA's magnitude: ``lora_magnitude_vector.<adapter>.weight`` in the model, ``.lora_magnitude_vector`` on disk
+_DISK_MAGNITUDE = re.compile(r"\.(lora_magnitude_vector)$")
+_DORA = Dora()
 
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
@@ -41,13 +46,11 @@ def _unsupported(module: nn.Module, path: str) -> TargetError:
         extra = "bnb" if library == "bitsandbytes" else "torchao"
         hint = ("Quantized layers are taught to LoRA by the lora_quantized extension: "
                 f"pip install 'peft-core[{extra}]' (or check that PEFT_CORE_PLUGINS does not exclude lora_quantized).")
-    elif isinstance(module, nn.Conv2d) and module.groups != 1:
-        hint = f"LoRA's built-in Conv2d layer needs groups=1 (this one has groups={module.groups})."
     elif isinstance(module, nn.Linear):
         hint = ("Its weight is not a plain floating-point tensor (a quantized layer?): install the plugin that "
                 "teaches LoRA this layer type.")
     return TargetError(f"module {path!r} is a {kind}, which no installed plugin teaches LoRA to adapt (built in: "
-                       f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv2d). {hint}")
+                       f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d). {hint}")
 
 
 class LoraPlugin:
@@ -66,6 +69,21 @@ class LoraPlugin:
     @hookimpl(trylast=True)  # extensions that know a layer type better answer first
     def lora_make_layer(self, module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | None:
         return builtin_layer(module, runtime)
+
+    @hookimpl(trylast=True)  # a third party's variant answers first for the adapters it claims
+    def lora_variant(self, config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant | None:
+        if not config.use_dora:
+            return None
+        if not all(callable(getattr(layer, m, None)) for m in ("dora_rows", "dora_base", "dora_lora",
+                                                                 "dora_shape", "dora_unrows")):
+            raise TargetError(f"use_dora=True: module {path!r} is a {type(layer).__name__}, which has no DoRA "
+                              "(it does not implement peft_lora.dora.DoraLayout); exclude it with exclude_modules "
+                              "or train it without DoRA")
+        if getattr(layer.base_layer, "groups", 1) != 1:
+            raise TargetError(f"use_dora=True: module {path!r} is a grouped convolution "
+                              f"(groups={layer.base_layer.groups}), which DoRA does not support (nor does Hugging "
+                              "Face PEFT); exclude it with exclude_modules")
+        return _DORA
 
     @hookimpl
     def complete_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig | None:
@@ -95,6 +113,7 @@ class LoraPlugin:
         # a layer for every target before changing anything: an unsupported one leaves the model untouched
         make = get_registry().hook.lora_make_layer
         layers: dict[str, LoraLayer] = {}
+        variants: dict[str, LoraVariant | None] = {}
         for path in targets:
             module = model.get_submodule(path)
             layer = module if isinstance(module, LoraLayer) else make(module=module, path=path, runtime=runtime,
@@ -105,10 +124,11 @@ class LoraPlugin:
                 raise TargetError(f"lora_make_layer returned {type(layer).__name__} for {path!r}; the hook contract "
                                   "expects a peft_lora.LoraLayer whose base_layer is the module")
             layers[path] = layer
+            variants[path] = get_registry().hook.lora_variant(config=config, layer=layer, path=path)
         for path, layer in layers.items():
             r, alpha = rank_and_alpha(config, path)
             layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                      trains_bias=config.bias != "none")
+                      trains_bias=config.bias != "none", variant=variants[path])
             if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
         return targets
@@ -137,7 +157,9 @@ class LoraPlugin:
                 continue
             stem = key[: m.start()]
             lora_paths.add(stem)
-            suffix = f".{m.group(1)}.weight" if m.re is _PARAM else f".{m.group(1)}"
+            # on disk the adapter name is dropped, and so is DoRA's ".weight" (PEFT's historical key)
+            keep_weight = m.re is _PARAM and m.group(1) != "lora_magnitude_vector"
+            suffix = f".{m.group(1)}.weight" if keep_weight else f".{m.group(1)}"
             out[model_to_disk_key(stem + suffix)] = value
         if config.bias != "none":
             for key, value in state_dict.items():
@@ -162,6 +184,9 @@ class LoraPlugin:
                     m = _DISK_EMB.search(model_key)
                     if m is not None:
                         model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}"
+                    m = _DISK_MAGNITUDE.search(model_key)
+                    if m is not None:
+                        model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}.weight"
             if ".modules_to_save." in model_key:
                 # PEFT's bias="all" files repeat a modules_to_save copy's bias as <path>.modules_to_save.bias
                 # (adapter name stripped); the core has taken the copy's own keys out already
@@ -174,8 +199,7 @@ class LoraPlugin:
         layers = _layers(model, adapter_name)
         if safe:  # check everything before folding anything
             for path, layer in layers:
-                w = layer.base_layer.weight
-                check_finite(w.detach().float() + layer.delta_weight(adapter_name).to(w.device), adapter_name, path)
+                check_finite(layer.merged_weight(adapter_name), adapter_name, path)
         done = []
         try:
             for _, layer in layers:

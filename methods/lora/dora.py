@@ -1,0 +1,130 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) as a LoRA *variant*: ``LoraConfig(use_dora=True)``.
+
+DoRA splits the adapted weight into a direction and a trained magnitude, one per output row::
+
+    W' = m * (W + s B A) / ||W + s B A||_row        (the norm is treated as a constant: no gradient)
+
+so a layer's output is ``W x + (f - 1) * (W x) + f * s * B A x`` with ``f = m / ||W + s B A||``.
+The magnitude starts at the row norms, so a new adapter is the identity like plain LoRA's.
+
+"Rows" are what the magnitude scales: a Linear's (and GPT-2 Conv1D's) output features, an Embedding's
+embedding dimensions, a convolution's output channels. Each layer presents its weight and its ``B A`` as
+matrices with those rows (:meth:`DoraLayout.rows`), so this module holds the maths once for all of them.
+
+It is a variant, not a branch of LoRA's layers: LoRA asks its ``lora_variant`` hook (see
+:mod:`peft_lora.hookspecs`) for each adapter on each layer, and LoRA's own implementation answers with
+:class:`Dora` when ``use_dora`` is set, as a third party's variant would for its own flag.
+
+Speed (Hugging Face PEFT's DoRA step is known to be slow): the row norms are computed without forming
+``W + s B A``: ``||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``, one (rows x cols x r) matmul and
+no weight-sized temporaries; ``||W_i||^2`` is kept until the base weight changes. Without dropout the base
+output is reused, as in PEFT; with dropout the base product on the dropped input is computed once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+from peft_core.amp import autocast_dtype, autocast_off
+from torch import nn
+
+if TYPE_CHECKING:
+    from .layers import LoraLayer
+
+__all__ = ["Dora", "DoraLayout", "Magnitude"]
+
+
+class DoraLayout(Protocol):
+    """What a LoRA layer provides for DoRA (LoRA's built-in layers implement it; a layer that does not has
+    no DoRA, and ``use_dora=True`` on it is a TargetError naming the layer)."""
+
+    def dora_rows(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, B, A) as fp32 matrices with the magnitude's rows: W (rows x cols), B (rows x r), A (r x cols)."""
+        ...
+
+    def dora_base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output for ``x`` without its bias (the dropout path needs it recomputed)."""
+        ...
+
+    def dora_lora(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``B A x`` (unscaled) in the layer's output layout."""
+        ...
+
+    def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        """A per-row vector viewed to broadcast against the layer's output (and stored magnitude's shape)."""
+        ...
+
+    def dora_unrows(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A (rows x cols) matrix back in the base weight's layout."""
+        ...
+
+
+class Magnitude(nn.Module):
+    """Holds DoRA's magnitude as ``weight``, so the parameter reads ``lora_magnitude_vector.<adapter>.weight``
+    as in Hugging Face PEFT (whose files store it as ``...lora_magnitude_vector``)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _row_norms(layer: LoraLayer, name: str) -> torch.Tensor:
+    """``||W + s B A||`` per row, in fp32, without a weight-sized temporary."""
+    w, b, a = layer.dora_rows(name)  # type: ignore[attr-defined]
+    s = layer.scaling[name]
+    with torch.no_grad():
+        base = layer.base_layer.weight
+        key = (base.data_ptr(), base._version, tuple(base.shape), base.dtype)
+        memo = layer.__dict__.get("_dora_w2")
+        if memo is None or memo[0] != key:
+            memo = (key, w.pow(2).sum(1))
+            layer.__dict__["_dora_w2"] = memo
+        wa = w @ a.t()  # rows x r
+        n2 = memo[1] + (2 * s) * (b * wa).sum(1) + (s * s) * ((b @ (a @ a.t())) * b).sum(1)
+        return n2.clamp_min(0).sqrt()
+
+
+class Dora:
+    """The DoRA variant (stateless: one instance serves every layer and adapter)."""
+
+    #: Where the magnitude lives on the layer: ``<attr>.<adapter>.weight``.
+    attr = "lora_magnitude_vector"
+
+    def create(self, layer: LoraLayer, name: str) -> nn.Module:
+        """The magnitude for a new adapter: the current row norms of ``W + s B A``."""
+        weight = layer.base_layer.weight
+        kw = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        if weight.is_meta:
+            rows = layer.dora_rows(name)[0].shape[0]  # type: ignore[attr-defined]
+            return Magnitude(layer.dora_shape(torch.empty(rows, device="meta", dtype=kw["dtype"])))  # type: ignore[attr-defined]
+        return Magnitude(layer.dora_shape(_row_norms(layer, name).to(**kw)).clone())  # type: ignore[attr-defined]
+
+    def factor(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        """``m / ||W + s B A||`` (gradient to m only), shaped like the stored magnitude."""
+        m = getattr(layer, self.attr)[name].weight
+        return m / layer.dora_shape(_row_norms(layer, name)).to(m.dtype)  # type: ignore[attr-defined]
+
+    def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor,
+                p: float) -> torch.Tensor:
+        """``result + (f - 1) * base + f * s * B A x``; ``base`` is the base output without bias (for
+        dropout ``p > 0`` it is recomputed on the dropped input, as the formula needs one input throughout)."""
+        device_type = x.device.type
+        if autocast_dtype(device_type) is not None and result.is_floating_point():
+            with autocast_off(device_type):
+                return self.forward(layer, name, x.to(result.dtype), result, base.to(result.dtype), p)
+        if p > 0.0:
+            x = F.dropout(x, p, True)
+            base = layer.dora_base(x)  # type: ignore[attr-defined]
+        f = self.factor(layer, name).to(result.dtype)
+        lora = layer.dora_lora(x, name).to(result.dtype)  # type: ignore[attr-defined]
+        return result + (f - 1) * base + (f * layer.scaling[name]) * lora
+
+    def merged_weight(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        """The merged weight ``f * (W + s B A)`` in fp32 and the base weight's layout."""
+        w, b, a = layer.dora_rows(name)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            f = getattr(layer, self.attr)[name].weight.detach().float().reshape(-1) / _row_norms(layer, name)
+            return layer.dora_unrows(f[:, None] * (w + layer.scaling[name] * (b @ a)))  # type: ignore[attr-defined]
+
