@@ -390,12 +390,10 @@ class LoraEmbedding(LoraLayer):
     def _create(self, name: str, r: int, init: bool | str) -> None:
         w = self.base_layer.weight
         kw = new_parameter_kwargs(w)
-        a = nn.Parameter(torch.empty(r, w.shape[0], **kw))
-        b = nn.Parameter(torch.empty(w.shape[1], r, **kw))
-        if init is False:
-            nn.init.normal_(a)
-            nn.init.normal_(b)
-        else:
+        # both drawn, A first, as Hugging Face PEFT does: a seeded run starts from the same tensors there and here
+        a = nn.Parameter(torch.randn(r, w.shape[0], **kw))
+        b = nn.Parameter(torch.randn(w.shape[1], r, **kw))
+        if init is not False:
             # as Hugging Face PEFT, for True and "gaussian" alike: A = 0 and B ~ N(0, 1) (an embedding's own
             # init); the transposed roles of a Linear's A and B, so the zero factor is the one the ids select
             nn.init.zeros_(a)
