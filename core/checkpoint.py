@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import compat
-from .config import CONFIG_NAME
-from .errors import CheckpointError, PluginContractError
+from .config import CONFIG_NAME, PeftConfig
+from .errors import CheckpointError, ConfigError, PluginContractError
 from .modules_to_save import ModulesToSave
-from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, serialize_safetensors, staged_files
+from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights, serialize_safetensors, staged_files
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -74,7 +74,8 @@ def _torch_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
 
 def save_adapters(model: AdaptedModel, save_directory: str | os.PathLike[str], names: Sequence[str], *,
                   safe_serialization: bool, is_main_process: bool | None,
-                  state_dict: Mapping[str, torch.Tensor] | None) -> None:
+                  state_dict: Mapping[str, torch.Tensor] | None,
+                  initial: str | os.PathLike[str] | None = None) -> None:
     """Write each adapter's folder; see :meth:`AdaptedModel.save_pretrained`."""
     if is_main_process is None:
         is_main_process = not distributed() or torch.distributed.get_rank() == 0
@@ -91,6 +92,8 @@ def save_adapters(model: AdaptedModel, save_directory: str | os.PathLike[str], n
     for name in names:  # build every payload before touching the disk
         config = model.peft_config[name].replace(inference_mode=True)
         tensors = gathered[name]
+        if initial is not None:
+            config, tensors = _converted(model, name, config, tensors, initial)
         data = serialize_safetensors(tensors) if safe_serialization else _torch_bytes(tensors)
         payloads.append((name, config, data))
     # one stage for every adapter: all files are written to temporary names before any replaces its target,
@@ -100,6 +103,23 @@ def save_adapters(model: AdaptedModel, save_directory: str | os.PathLike[str], n
             sub = "" if name == "default" else f"{name}/"
             files[sub + (SAFETENSORS_NAME if safe_serialization else WEIGHTS_NAME)] = data
             files[sub + CONFIG_NAME] = config.to_json_string().encode()
+
+
+def _converted(model: AdaptedModel, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+               initial: str | os.PathLike[str]) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The adapter rewritten relative to its first save in ``initial`` (by its method's ``convert_for_save``)."""
+    folder = Path(initial)
+    weights = folder / SAFETENSORS_NAME
+    if not (folder / CONFIG_NAME).is_file() or not weights.is_file():
+        raise ConfigError(f"path_initial_model_for_weight_conversion={str(initial)!r} holds no {CONFIG_NAME} and "
+                          f"{SAFETENSORS_NAME}; save the adapter there right after get_peft_model, before training")
+    initial_config = PeftConfig.from_pretrained(folder)
+    answer = model._call(name, "convert_for_save", state_dict=tensors, initial_config=initial_config,
+                         initial_state_dict=load_weights(weights))
+    if answer is None:
+        raise ConfigError(f"path_initial_model_for_weight_conversion: the {type(config).peft_type} method has no "
+                          f"conversion relative to an initial adapter (adapter {name!r}); save without it")
+    return answer[0], dict(answer[1])
 
 
 def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mapping[str, torch.Tensor],

@@ -362,3 +362,29 @@ def prepare_inputs(model: nn.Module, adapter_name: str, config: PeftConfig, stor
             prompt = store[adapter_name].weight.expand(embeds.shape[0], -1, -1)
             return {**inputs, "inputs_embeds": torch.cat([prompt, embeds], dim=1)}
     """
+
+
+@hookspec(firstresult=True)
+def convert_for_save(model: nn.Module, adapter_name: str, config: PeftConfig, state_dict: Mapping[str, torch.Tensor],
+                     initial_config: PeftConfig, initial_state_dict: Mapping[str, torch.Tensor],
+                     ) -> tuple[PeftConfig, dict[str, torch.Tensor]] | None:
+    """Rewrite an adapter as it is saved, relative to the adapter as it was first saved — Hugging Face PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``, which turns a PiSSA/OLoRA adapter
+    (trained on a residual base weight) into a plain one for the original base weights.
+
+    When: ``save_pretrained(..., path_initial_model_for_weight_conversion=folder)``, once per adapter saved,
+    before anything is written. ``state_dict`` is the adapter's tensors with disk keys (as
+    ``state_dict_filter`` returned them); ``initial_config``/``initial_state_dict`` are what ``folder`` holds
+    (the same adapter saved right after its creation). The files in ``folder`` are not changed.
+
+    Returns (firstresult): ``(config, state_dict)`` to write instead; or None when the method has no such
+    conversion, which makes the save a ConfigError naming the method (nothing is written). Raise a
+    ConfigError for an adapter that cannot be converted (the wrong initialisation, a mismatching folder).
+
+    Example::
+
+        @hookimpl
+        def convert_for_save(config, state_dict, initial_state_dict):
+            delta = {k: v - initial_state_dict[k] for k, v in state_dict.items()}
+            return config.replace(init_weights=True), delta
+    """

@@ -526,18 +526,27 @@ class AdaptedModel(nn.Module):
         ``state_dict``: take the adapter's tensors from this (the model's namespace) instead of the model.
         ``save_embedding_layers``: PEFT's "auto"/False write no base embedding weights (peft-core never
         resizes them); True is refused, since there is nothing peft-core changed to write.
-        ``convert_pissa_to_lora`` / ``path_initial_model_for_weight_conversion`` (PEFT's PiSSA/OLoRA
-        conversion) are refused with a TypeError naming them, as is any other keyword.
+        ``path_initial_model_for_weight_conversion`` (PEFT's, with its older name ``convert_pissa_to_lora``): a
+        folder holding this adapter as first saved, right after ``get_peft_model``; the adapter is written
+        converted relative to it by its method's ``convert_for_save`` hook (LoRA: a PiSSA/OLoRA adapter becomes
+        a plain LoRA of twice the rank for the original base weights). That folder is read, never changed.
+        Any other keyword is a TypeError naming it.
         """
         if save_embedding_layers is True:
             raise ConfigError("save_pretrained(save_embedding_layers=True): peft-core adapters never change the "
                               "base model's embedding layers, so there is nothing to add; save the base model "
                               "itself if you resized its vocabulary")
+        initial = kwargs.pop("path_initial_model_for_weight_conversion", None)
+        legacy = kwargs.pop("convert_pissa_to_lora", None)
+        if legacy is not None:
+            warnings.warn("save_pretrained(convert_pissa_to_lora=...) is PEFT's old name; use "
+                          "path_initial_model_for_weight_conversion", FutureWarning, stacklevel=2)
+            initial = initial if initial is not None else legacy
         _no_extra("save_pretrained", kwargs, "safe_serialization, selected_adapters, is_main_process, state_dict, "
-                  "save_embedding_layers")
+                  "save_embedding_layers, path_initial_model_for_weight_conversion")
         names = list(self.peft_config) if selected_adapters is None else self._require(selected_adapters)
         checkpoint.save_adapters(self, save_directory, names, safe_serialization=safe_serialization,
-                                 is_main_process=is_main_process, state_dict=state_dict)
+                                 is_main_process=is_main_process, state_dict=state_dict, initial=initial)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload adapter with peft-core", revision: str | None = None,

@@ -94,6 +94,10 @@ def test_every_hook_is_exercised_and_wrappable(toy, tmp_path):
         ids = model_inputs("llama")["input_ids"]
         model(input_ids=ids)
         model.save_pretrained(tmp_path)
+        # the toy method has no conversion: the call reaches the hook, answers None, and the save is refused
+        with pytest.raises(ConfigError, match="TOY.* has no conversion"):
+            model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path)
+        assert not (tmp_path / "converted").exists()
         model.merge_adapter()
         model.unmerge_adapter()
         AdaptedModel.from_pretrained(tiny_llama(), tmp_path)

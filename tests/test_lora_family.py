@@ -387,3 +387,73 @@ def test_a_third_party_variant_is_used_for_forward_merge_and_parameters():
     assert _diff(got, plain) <= TOL
     model.merge_adapter()
     assert _diff(_out(model, x), got) <= TOL * 10
+
+
+# ---------------------------------------------------------------- PiSSA/OLoRA back to plain LoRA at save time
+def _train_a_little(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_adapter_converts_to_a_plain_lora_for_the_original_weights(init, tmp_path):
+    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": init, "target_modules": ["q_proj", "v_proj"],
+          "task_type": "CAUSAL_LM"}
+    x = model_inputs("llama")
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(**kw))
+    ours.save_pretrained(tmp_path / "initial")
+    before_initial = {p.name: p.read_bytes() for p in (tmp_path / "initial").iterdir()}
+    torch.manual_seed(5)
+    _train_a_little(ours)
+    trained = _out(ours, x)
+    ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "initial").iterdir()} == before_initial  # read only
+    written = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["init_lora_weights"]) == (8, 16, True)
+    # the plain adapter on the ORIGINAL base model reproduces the trained residual model, here and in PEFT
+    assert _diff(_out(PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "plain"), x), trained) <= TOL
+    assert _diff(_out(peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "plain"), x), trained) <= TOL
+    # PEFT's own conversion of the same adapter writes the same tensors (its initial state is ours: the same
+    # deterministic SVD/QR of the same base weights)
+    theirs = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(**kw))
+    theirs_initial = tmp_path / "theirs_initial"
+    theirs.save_pretrained(theirs_initial)
+    missing, unexpected = theirs.load_state_dict(_peft_keys(ours), strict=False)
+    assert not unexpected
+    theirs.save_pretrained(tmp_path / "theirs_plain", path_initial_model_for_weight_conversion=str(theirs_initial))
+    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "theirs_plain" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(_diff(a[k], b[k]) <= 1e-6 for k in a)
+
+
+def _peft_keys(ours) -> dict[str, torch.Tensor]:
+    """Our adapter tensors under PEFT's in-memory names (one more ``model.``)."""
+    return {"base_model.model." + n[len("base_model."):]: p.detach().clone() for n, p in ours.named_parameters()
+            if "lora_" in n}
+
+
+def test_conversion_refuses_adapters_with_nothing_to_convert(tmp_path):
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(target_modules=["q_proj"]))
+    ours.save_pretrained(tmp_path / "initial")
+    with pytest.raises(Exception, match="nothing to convert"):
+        ours.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match="holds no adapter_config.json"):
+        ours.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "nowhere")
+
+
+def test_lora_published_hooks_are_documented_like_the_core_s():
+    import inspect
+
+    from peft_lora import hookspecs as lora_specs
+
+    names = [n for n in dir(lora_specs) if n.startswith("lora_")]
+    assert set(names) == {"lora_make_layer", "lora_variant"}
+    for name in names:
+        doc = inspect.getdoc(getattr(lora_specs, name)) or ""
+        assert "When:" in doc and "Returns (firstresult)" in doc and "Example::" in doc, name
+        sig = inspect.signature(getattr(lora_specs, name))
+        assert sig.return_annotation is not inspect.Signature.empty
+        assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())

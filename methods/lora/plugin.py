@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pluggy
 import torch
-from peft_core import MethodSpec, TaskType, get_registry, hookimpl
+from peft_core import MethodSpec, PeftConfig, TaskType, get_registry, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
 from peft_core.errors import TargetError
 from peft_core.merging import check_finite
@@ -193,6 +193,17 @@ class LoraPlugin:
                 model_key = model_key.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.", 1)
             out[model_key] = value
         return out
+
+    @hookimpl
+    def convert_for_save(self, adapter_name: str, config: LoraConfig, state_dict: Mapping[str, torch.Tensor],
+                         initial_config: PeftConfig, initial_state_dict: Mapping[str, torch.Tensor],
+                         ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """A PiSSA/OLoRA adapter as a plain LoRA for the *original* base weights: trained on ``W_res = W - s B0 A0``,
+        it computes ``W_res + s B A = W + s (B A - B0 A0)``, which is the LoRA ``A' = [A; A0]``, ``B' = [B, -B0]``
+        of rank 2r, with alpha doubled (x sqrt 2 under rsLoRA) so the scaling is unchanged (as PEFT writes it)."""
+        from .conversion import to_plain_lora
+
+        return to_plain_lora(adapter_name, config, state_dict, initial_config, initial_state_dict)
 
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
