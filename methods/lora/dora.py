@@ -18,7 +18,9 @@ It is a variant, not a branch of LoRA's layers: LoRA asks its ``lora_variant`` h
 Speed (Hugging Face PEFT's DoRA step is known to be slow): the row norms are computed without forming
 ``W + s B A``: ``||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``, one (rows x cols x r) matmul and
 no weight-sized temporaries; ``||W_i||^2`` is kept until the base weight changes. Without dropout the base
-output is reused, as in PEFT; with dropout the base product on the dropped input is computed once.
+output is reused, as in PEFT, and the output is ``f * (result + s B A x) + (1 - f) * bias``: the fused LoRA
+update and one multiply-add, two output-sized passes; with dropout the base product on the dropped input is
+computed once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .layers import LoraLayer
 
-__all__ = ["Dora", "DoraLayout", "Magnitude"]
+__all__ = ["DORA_LAYOUT", "Dora", "DoraLayout", "Magnitude"]
 
 
 class DoraLayout(Protocol):
@@ -41,15 +43,20 @@ class DoraLayout(Protocol):
     no DoRA, and ``use_dora=True`` on it is a TargetError naming the layer)."""
 
     def dora_rows(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W, B, A) as fp32 matrices with the magnitude's rows: W (rows x cols), B (rows x r), A (r x cols)."""
+        """(W, B, A) as matrices with the magnitude's rows: W (rows x cols, the weight's own dtype, a view),
+        B (rows x r) and A (r x cols) in fp32."""
+        ...
+
+    def dora_bias(self) -> torch.Tensor | None:
+        """The base layer's bias shaped like the magnitude (None without one)."""
         ...
 
     def dora_base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output for ``x`` without its bias (the dropout path needs it recomputed)."""
         ...
 
-    def dora_lora(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``B A x`` (unscaled) in the layer's output layout."""
+    def dora_update(self, x: torch.Tensor, adapter_name: str, out: torch.Tensor) -> torch.Tensor:
+        """``out + s * B A x`` (a new tensor; Linear layers fuse the add into the matmul)."""
         ...
 
     def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
@@ -59,6 +66,10 @@ class DoraLayout(Protocol):
     def dora_unrows(self, matrix: torch.Tensor) -> torch.Tensor:
         """A (rows x cols) matrix back in the base weight's layout."""
         ...
+
+
+#: The methods of :class:`DoraLayout`: a layer with all of them can take a DoRA adapter.
+DORA_LAYOUT = ("dora_rows", "dora_bias", "dora_base", "dora_update", "dora_shape", "dora_unrows")
 
 
 class Magnitude(nn.Module):
@@ -75,13 +86,13 @@ def _row_norms(layer: LoraLayer, name: str) -> torch.Tensor:
     w, b, a = layer.dora_rows(name)  # type: ignore[attr-defined]
     s = layer.scaling[name]
     with torch.no_grad():
-        base = layer.base_layer.weight
-        key = (base.data_ptr(), base._version, tuple(base.shape), base.dtype)
+        key = (w.data_ptr(), layer.base_layer.weight._version, tuple(w.shape), w.dtype)
         memo = layer.__dict__.get("_dora_w2")
-        if memo is None or memo[0] != key:
-            memo = (key, w.pow(2).sum(1))
+        if memo is None or memo[0] != key:  # ||W_i||^2 changes only with the base weight
+            memo = (key, w.float().pow(2).sum(1))
             layer.__dict__["_dora_w2"] = memo
-        wa = w @ a.t()  # rows x r
+        # W A^T in the weight's dtype (a half-precision W is not copied to fp32 in every forward)
+        wa = (w @ a.t().to(w.dtype)).float()  # rows x r
         n2 = memo[1] + (2 * s) * (b * wa).sum(1) + (s * s) * ((b @ (a @ a.t())) * b).sum(1)
         return n2.clamp_min(0).sqrt()
 
@@ -108,23 +119,32 @@ class Dora:
 
     def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor,
                 p: float) -> torch.Tensor:
-        """``result + (f - 1) * base + f * s * B A x``; ``base`` is the base output without bias (for
-        dropout ``p > 0`` it is recomputed on the dropped input, as the formula needs one input throughout)."""
+        """``result + (f - 1) * W x + f * s * B A x``, with ``W x`` the bias-free base output (``base`` is the base
+        layer's output, bias included); for dropout ``p > 0`` both terms use the dropped input, as in PEFT."""
         device_type = x.device.type
         if autocast_dtype(device_type) is not None and result.is_floating_point():
             with autocast_off(device_type):
-                return self.forward(layer, name, x.to(result.dtype), result, base.to(result.dtype), p)
+                xs = x.to(result.dtype) if x.is_floating_point() else x
+                return self.forward(layer, name, xs, result, base if base is result else base.to(result.dtype), p)
+        f = self.factor(layer, name).to(result.dtype)
+        bias = layer.dora_bias()  # type: ignore[attr-defined]
+        bias = None if bias is None else bias.to(result.dtype)
+        if p == 0.0 and result is base:
+            # the usual case (one adapter, no dropout): f (W x + s B A x) + bias, from u = result + s B A x,
+            # in two output-sized passes (the fused update, then one multiply-add)
+            u = layer.dora_update(x, name, result)  # type: ignore[attr-defined]
+            return u * f if bias is None else torch.addcmul((1 - f) * bias, f, u)
         if p > 0.0:
             x = F.dropout(x, p, True)
-            base = layer.dora_base(x)  # type: ignore[attr-defined]
-        f = self.factor(layer, name).to(result.dtype)
-        lora = layer.dora_lora(x, name).to(result.dtype)  # type: ignore[attr-defined]
-        return result + (f - 1) * base + (f * layer.scaling[name]) * lora
+            wx = layer.dora_base(x)  # type: ignore[attr-defined]
+        else:
+            wx = base if bias is None else base - bias
+        return torch.addcmul(result - wx, f, layer.dora_update(x, name, wx))  # type: ignore[attr-defined]
 
     def merged_weight(self, layer: LoraLayer, name: str) -> torch.Tensor:
         """The merged weight ``f * (W + s B A)`` in fp32 and the base weight's layout."""
         w, b, a = layer.dora_rows(name)  # type: ignore[attr-defined]
         with torch.no_grad():
             f = getattr(layer, self.attr)[name].weight.detach().float().reshape(-1) / _row_norms(layer, name)
-            return layer.dora_unrows(f[:, None] * (w + layer.scaling[name] * (b @ a)))  # type: ignore[attr-defined]
+            return layer.dora_unrows(f[:, None] * (w.float() + layer.scaling[name] * (b @ a)))  # type: ignore[attr-defined]
 

@@ -317,7 +317,7 @@ class LoraLinear(ModulePairLayer):
         variants = self.variants
         inplace = (self.inplace_output and type(self.base_layer) in _OWN_OUTPUT and not variants
                    and not self.base_layer._forward_hooks and not _global_forward_hooks)
-        base = self._without_bias(result) if variants else result
+        base = result  # the base layer's own output (a variant rescales it)
         for name in names:
             p = self.dropout_p[name] if training else 0.0
             variant = variants.get(name)
@@ -327,10 +327,6 @@ class LoraLinear(ModulePairLayer):
             result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name], p, inplace)
         return result
-
-    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self.base_layer, "bias", None)
-        return result - bias.to(result.dtype) if isinstance(bias, torch.Tensor) else result
 
     def _mixed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row through its own adapter, with one batched matmul pair for all adapters (adapters with a
@@ -343,7 +339,6 @@ class LoraLinear(ModulePairLayer):
         if len(routing.names) != x.shape[0]:
             raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
                                f"{x.shape[0]} rows")
-        base = self._without_bias(result)
         out = result
         for name in dict.fromkeys(routing.names):
             if name not in self.r:
@@ -352,7 +347,7 @@ class LoraLinear(ModulePairLayer):
             xr, rr = x.index_select(0, rows), result.index_select(0, rows)
             variant = self.variants.get(name)
             if variant is not None:
-                new = variant.forward(self, name, xr, rr, base.index_select(0, rows), 0.0)
+                new = variant.forward(self, name, xr, rr, rr, 0.0)  # the rows' output is their base output
             else:
                 new = lora_linear(rr, xr, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
             out = out.index_copy(0, rows, new.to(out.dtype))
@@ -360,15 +355,23 @@ class LoraLinear(ModulePairLayer):
 
     # ---- DoRA's view of this layer (peft_lora.dora.DoraLayout): rows are the output features
     def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.base_layer.weight.detach().float()
+        w = self.base_layer.weight.detach()
         return (w.t() if self.transposed else w, self.lora_B[name].weight.detach().float(),
                 self.lora_A[name].weight.detach().float())
+
+    def dora_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
 
     def dora_base(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base_layer.weight.to(x.dtype)
         return x @ w if self.transposed else F.linear(x, w)
 
+    def dora_update(self, x: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
+        return lora_linear(out, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
     def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``B A x`` (unscaled)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
@@ -445,7 +448,8 @@ class LoraEmbedding(LoraLayer):
                 if name not in self.r:
                     continue
                 rows = [i for i, n in enumerate(routing.names) if n == name]
-                out[rows] = self._apply(ids[rows], name, result[rows], base[rows])
+                own = result[rows]  # these rows' base output
+                out[rows] = self._apply(ids[rows], name, own, own)
             return out
         for name in self._live():
             result = self._apply(ids, name, result, base)
@@ -453,15 +457,18 @@ class LoraEmbedding(LoraLayer):
 
     # ---- DoRA's view (peft_lora.dora.DoraLayout): rows are the embedding dimensions, columns the vocabulary
     def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.base_layer.weight.detach().float().t(), self.lora_embedding_B[name].detach().float(),
+        return (self.base_layer.weight.detach().t(), self.lora_embedding_B[name].detach().float(),
                 self.lora_embedding_A[name].detach().float())
+
+    def dora_bias(self) -> torch.Tensor | None:
+        return None
 
     def dora_base(self, ids: torch.Tensor) -> torch.Tensor:
         return self._embed(ids, self.base_layer.weight)
 
-    def dora_lora(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def dora_update(self, ids: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return self._embed(ids, a.t()) @ b.t()
+        return out + (self._embed(ids, a.t()) @ b.t()).to(out.dtype) * self.scaling[name]
 
     def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
@@ -536,7 +543,7 @@ class ConvLoraLayer(ModulePairLayer):
                                      lambda rows, name: self._routed_delta(rows, name, result.dtype))
         training = self.training
         variants = self.variants
-        base = self._without_bias(result) if variants else result
+        base = result
         for name in self._live():
             p = self.dropout_p[name] if training else 0.0
             variant = variants.get(name)
@@ -550,25 +557,27 @@ class ConvLoraLayer(ModulePairLayer):
         variant = self.variants.get(name)
         if variant is None:
             return self._delta(x, name, 0.0, dtype)
-        base = self.dora_base(x).to(dtype)  # the rows' own base output, bias-free: what the variant rescales
-        return variant.forward(self, name, x, torch.zeros_like(base), base, 0.0)
-
-    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
-        bias = self.base_layer.bias
-        if bias is None:
-            return result
-        return result - bias.to(result.dtype).view(-1, *(1,) * (self.base_layer.weight.dim() - 2))
+        own = self.base_layer(x).to(dtype)  # the rows' own base output, which the variant rescales
+        return variant.forward(self, name, x, own, own, 0.0) - own
 
     # ---- DoRA's view (peft_lora.dora.DoraLayout): rows are the output channels
     def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.base_layer.weight.detach().float()
+        w = self.base_layer.weight.detach()
         b, a = self.lora_B[name].weight.detach().float(), self.lora_A[name].weight.detach().float()
         return w.flatten(1), b.flatten(1), a.flatten(1)
+
+    def dora_bias(self) -> torch.Tensor | None:
+        bias = self.base_layer.bias
+        return None if bias is None else self.dora_shape(bias)
 
     def dora_base(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
 
+    def dora_update(self, x: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
+        return out + self._delta(x, name, 0.0, out.dtype)
+
     def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``B A x`` (unscaled)."""
         a, b = self.lora_A[name], self.lora_B[name]
         return b(a(x.to(a.weight.dtype)))
 

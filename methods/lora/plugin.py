@@ -16,7 +16,7 @@ from torch import nn
 
 from . import hookspecs
 from .config import LoraConfig
-from .dora import Dora
+from .dora import DORA_LAYOUT, Dora
 from .layers import LoraLayer, builtin_layer, supported_base
 from .operations import add_weighted_adapter
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
@@ -74,8 +74,7 @@ class LoraPlugin:
     def lora_variant(self, config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant | None:
         if not config.use_dora:
             return None
-        if not all(callable(getattr(layer, m, None)) for m in ("dora_rows", "dora_base", "dora_lora",
-                                                                 "dora_shape", "dora_unrows")):
+        if not all(callable(getattr(layer, m, None)) for m in DORA_LAYOUT):
             raise TargetError(f"use_dora=True: module {path!r} is a {type(layer).__name__}, which has no DoRA "
                               "(it does not implement peft_lora.dora.DoraLayout); exclude it with exclude_modules "
                               "or train it without DoRA")
