@@ -95,7 +95,7 @@ def test_every_hook_is_exercised_and_wrappable(toy, tmp_path):
         model(input_ids=ids)
         model.save_pretrained(tmp_path)
         # the toy method has no conversion: the call reaches the hook, answers None, and the save is refused
-        with pytest.raises(ConfigError, match="TOY.* has no conversion"):
+        with pytest.raises(ConfigError, match=r"TOY.* has no conversion"):
             model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path)
         assert not (tmp_path / "converted").exists()
         model.merge_adapter()

@@ -68,6 +68,15 @@ def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
                       f"'all-linear' or None, got {short_repr(value)}")
 
 
+def _parameters_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    # a list of names, as in PEFT (which refuses a string: regex matching of parameters is not implemented there)
+    if value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)):
+        return
+    raise ConfigError(f"LoraConfig.target_parameters must be a list of parameter names (e.g. "
+                      f"['mlp.experts.gate_up_proj']) or None, got {short_repr(value)}; a string is not read as a "
+                      "regex here, nor in PEFT: wrap a single name in a list")
+
+
 def _int_to_float(value: Any) -> Any:
     """0 and 1 in JSON mean 0.0 and 1.0; an int too large for a float becomes inf, which the validator names."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -96,7 +105,7 @@ class LoraConfig(PeftConfig):
     peft_inert_fields: ClassVar[Mapping[str, Any]] = {
         "lora_bias": False, "use_qalora": False, "layer_replication": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
-        "arrow_config": None, "megatron_config": None, "target_parameters": None,
+        "arrow_config": None, "megatron_config": None,
         "trainable_token_indices": None, "ensure_weight_tying": False, "lora_ga_config": None,
         "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "velora_config": None,
         "megatron_core": ANY, "qalora_group_size": ANY,
@@ -125,6 +134,16 @@ class LoraConfig(PeftConfig):
                                                validator=_pattern_values(int))
     alpha_pattern: dict[str, int | float] = attrs.field(factory=FrozenDict, converter=_patterns,
                                                         validator=_pattern_values((int, float)))  # type: ignore[arg-type]
+    #: LoRA on ``nn.Parameter``s that no layer type wraps, such as the 3-D expert stacks of transformers' MoE
+    #: blocks (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``) or a 2-D weight (``["q_proj.weight"]``).
+    #: An entry matches a parameter whose full name equals it or ends with ``"." + entry``; every entry must
+    #: match. A 2-D parameter ``(out, in)`` gets ``A: r x in`` and ``B: out x r``; a 3-D stack of ``E`` experts
+    #: gets rank ``r`` per expert (``A: r*E x in``, ``B: out x r*E``). Combines with ``target_modules`` (use
+    #: ``target_modules=[]`` for parameters only; ``None`` means the architecture's default modules where PEFT
+    #: 0.21 adds them too, e.g. llama's, and none for MoE architectures). Needs ``lora_dropout=0`` and cannot
+    #: route mixed batches (``adapter_names``), as in PEFT. See docs/coming-from-peft.md.
+    target_parameters: tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
+                                                            validator=_parameters_ok)
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -132,6 +151,24 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"LoraConfig.layers_to_transform cannot be combined with a regex target_modules "
                               f"({self.target_modules!r}); put the layer indices in the regex, or give "
                               "target_modules as a list of names")
+        if self.target_parameters:
+            # the update is added to the weight itself (W + B A), which leaves no input to drop out; PEFT refuses both
+            if self.lora_dropout:
+                raise ConfigError(f"LoraConfig.target_parameters needs lora_dropout=0 (got {self.lora_dropout}): LoRA "
+                                  "on a parameter adds B A to the weight, so there is no input to apply dropout to. "
+                                  "Set lora_dropout=0, or adapt those layers through target_modules instead")
+            if self.fan_in_fan_out:
+                raise ConfigError("LoraConfig.target_parameters cannot be combined with fan_in_fan_out=True (set "
+                                  "for GPT-2 style Conv1D target_modules, whose weights are stored transposed), as in "
+                                  "PEFT; target those Conv1D layers in a separate adapter, or drop fan_in_fan_out")
+            if self.use_dora:
+                raise ConfigError("LoraConfig.target_parameters cannot be combined with use_dora=True (DoRA's "
+                                  "magnitude is per layer output; PEFT refuses it too): train those parameters in a "
+                                  "separate adapter without DoRA")
+            if isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
+                raise ConfigError(f"LoraConfig.target_parameters cannot be combined with init_lora_weights="
+                                  f"{self.init_lora_weights!r}, which reads a Linear layer's weight; use True or "
+                                  "'gaussian'")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern only has a meaning with layers_to_transform; "
                               "set layers_to_transform too, or drop layers_pattern")

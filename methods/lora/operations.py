@@ -38,6 +38,9 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         cfg = model.peft_config.get(name)
         if not isinstance(cfg, LoraConfig):
             raise AdapterError(f"add_weighted_adapter: {name!r} is not a LoRA adapter of this model")
+        if cfg.target_parameters:  # as PEFT: an expert stack's per-expert factors do not combine like a matrix's
+            raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses target_parameters, which it does not "
+                               "support (nor does PEFT); combine adapters that target modules only")
         configs.append(cfg)
     if combination_type not in ("cat", "linear"):
         raise ConfigError(f"combination_type={combination_type!r} is not supported; use 'cat' or 'linear'")

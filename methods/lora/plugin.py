@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
 from .layers import LoraLayer, builtin_layer, supported_base
 from .operations import add_weighted_adapter
+from .parameters import inject_parameters, module_targets, plan_parameters, skip_default_targets
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
 from .variant import LoraVariant
 
@@ -92,7 +93,7 @@ class LoraPlugin:
         how the targeted layers store their weights (True for GPT-2's Conv1D, False for nn.Linear; this
         plugin reads the layout from the layer type, so the flag only matters to PEFT)."""
         changes: dict[str, object] = {}
-        if config.target_modules is None:
+        if config.target_modules is None and not skip_default_targets(model, config):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             if model_type in DEFAULT_TARGETS:
                 changes["target_modules"] = DEFAULT_TARGETS[model_type]
@@ -108,7 +109,9 @@ class LoraPlugin:
     @hookimpl
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                runtime: AdapterRuntime) -> list[str]:
-        targets = find_targets(model, config)
+        targets = module_targets(model, config)
+        # target_parameters: checked before anything changes, injected after the modules (PEFT's order)
+        planned = plan_parameters(model, adapter_name, config, targets)
         # a layer for every target before changing anything: an unsupported one leaves the model untouched
         make = get_registry().hook.lora_make_layer
         layers: dict[str, LoraLayer] = {}
@@ -130,6 +133,8 @@ class LoraPlugin:
                       trains_bias=config.bias != "none", variant=variants[path])
             if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
+        if planned:
+            targets += [p for p in inject_parameters(model, adapter_name, config, runtime, planned) if p not in targets]
         return targets
 
     @hookimpl
@@ -230,7 +235,8 @@ class LoraPlugin:
 
     @hookimpl
     def remove(self, model: nn.Module, adapter_name: str) -> bool:
-        for path, layer in _layers(model, adapter_name):
+        # innermost first: an emptied LoraParameter nested in another is unwrapped at its own path
+        for path, layer in reversed(_layers(model, adapter_name)):
             layer.forget_merge(adapter_name)
             layer.drop(adapter_name)
             if not layer.r:
