@@ -351,7 +351,7 @@ def test_unknown_fields_from_newer_versions_give_one_warning_naming_them(tmp_pat
 
 @pytest.mark.parametrize("field,value", [
     ("use_dora", True), ("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]]),
-    ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.gate_proj.weight"]),
+    ("ensure_weight_tying", True), ("target_parameters", ["mlp.gate_proj.weight"]),
     ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "pissa"),
 ])
 def test_peft_features_we_lack_are_a_clear_config_error(field, value, tmp_path):
