@@ -42,7 +42,6 @@ from peft_core.compat import MODEL_PREFIX, model_to_disk_key
 from peft_core.errors import AdapterError, ConfigError, MergeError, TargetError
 from peft_core.layers import is_adapter_layer
 from peft_core.merging import check_finite
-from peft_core.modules_to_save import ModulesToSave
 from peft_core.runtime import AdapterRuntime, Routing
 from peft_core.targeting import matches
 from torch import nn
@@ -360,6 +359,12 @@ class TokenPlan:
     followers: tuple[str, ...]
 
 
+def _is_saved_copy(module: nn.Module) -> bool:
+    """A ``modules_to_save`` wrapper of the core, known by its layout (PEFT's ``original_module`` beside a
+    ``modules_to_save`` dict of copies): its class is not part of the API plugins build on."""
+    return "original_module" in module._modules and isinstance(module._modules.get("modules_to_save"), nn.ModuleDict)
+
+
 def _units(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """``(path, module, raw)`` for the modules a config can name: all but the insides of adapter layers and of
     ``modules_to_save`` wrappers (the wrappers themselves are listed). ``raw`` holds the weight: the wrapped
@@ -373,8 +378,8 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
             continue
         closed = None
         raw = module
-        if isinstance(module, ModulesToSave):
-            raw, closed = module.original_module, path + "."
+        if _is_saved_copy(module):
+            raw, closed = module._modules["original_module"], path + "."
         elif is_adapter_layer(module):
             raw, closed = getattr(module, "base_layer", module), path + "."
         out.append((path, module, raw))
@@ -452,7 +457,7 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_targets: Se
             named[p] = indices
     for path, indices in named.items():
         module, raw = modules[path]
-        if isinstance(module, ModulesToSave) or (saved and matches(path, saved)):
+        if _is_saved_copy(module) or (saved and matches(path, saved)):
             raise ConfigError(f"{field} names {path!r}, which modules_to_save trains fully; either train it fully "
                               f"(modules_to_save) or train some of its tokens ({field}), not both")
         if path in planned_lora or (is_adapter_layer(module) and not isinstance(module, TrainableTokensWrapper)):
@@ -482,7 +487,7 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_targets: Se
         group = [p for p, _, raw in units if _weight(raw) is weight]  # every module that shares this weight
         for p in group:
             module = modules[p][0]
-            if p in planned_lora or isinstance(module, ModulesToSave) or (
+            if p in planned_lora or _is_saved_copy(module) or (
                     is_adapter_layer(module) and not isinstance(module, TrainableTokensWrapper)):
                 raise TargetError(f"{p!r} shares its weight with {path!r} (tied embeddings) and is adapted by LoRA or "
                                   f"modules_to_save; with {field} on {path!r} merging would change both. Leave "
