@@ -168,9 +168,13 @@ def test_peft_reads_a_mapping_config_we_write(tmp_path):
     spec = {"embed_tokens": [3, 5], "lm_head": [9]}
     config = _config(LoraConfig, "llama_untied", trainable_token_indices=spec)
     ours = get_peft_model(MODELS["llama_untied"][0](), config)
+    _perturb(ours)
     ours.save_pretrained(tmp_path)
     assert _config_json(tmp_path)["trainable_token_indices"] == spec
     assert peft.PeftConfig.from_pretrained(tmp_path).trainable_token_indices == spec
+    theirs = peft.PeftModel.from_pretrained(MODELS["llama_untied"][0](), tmp_path)
+    x = _inputs("llama_untied")
+    assert (theirs(**x).logits - ours(**x).logits).abs().max() <= TOL
     again = LoraConfig.from_pretrained(tmp_path)
     assert again == ours.peft_config["default"].replace(inference_mode=True)
     assert again.trainable_token_indices["lm_head"] == (9,)
@@ -296,8 +300,9 @@ def _untouched(factory, config, error, match):
     assert state_equal(before, clone_state(base)) and module_tree(base) == tree
 
 
-@pytest.mark.parametrize("case", ["outside", "no_module", "not_embedding", "lora_target", "modules_to_save",
-                                  "tied_head_alone", "tied_mismatch", "tied_head_lora", "t5_embed_tokens"])
+@pytest.mark.parametrize("case", ["outside", "no_module", "not_embedding", "linear_not_head", "lora_target",
+                                  "modules_to_save", "tied_head_alone", "tied_mismatch", "tied_head_lora",
+                                  "t5_embed_tokens"])
 def test_bad_input_names_the_culprit_and_leaves_the_model_untouched(case):
     llama, gpt2 = MODELS["llama_untied"][0], MODELS["gpt2"][0]
     cases = {
@@ -305,7 +310,9 @@ def test_bad_input_names_the_culprit_and_leaves_the_model_untouched(case):
                     r"'model.embed_tokens', which has 128 tokens.*resize_token_embeddings"),
         "no_module": (llama, {"trainable_token_indices": {"embedding": [3]}}, TargetError,
                       r"'embedding', which matches no module.*model.embed_tokens"),
-        "not_embedding": (llama, {"trainable_token_indices": {"norm": [3]}}, TargetError, "LlamaRMSNorm.*Embedding"),
+        "not_embedding": (llama, {"trainable_token_indices": {"norm": [3]}}, TargetError, "LlamaRMSNorm.*not an emb"),
+        "linear_not_head": (llama, {"trainable_token_indices": {"down_proj": [3]}}, TargetError,
+                            r"'model\.layers\.0\.mlp\.down_proj', a torch.nn.*Linear, which is not an embedding"),
         "lora_target": (llama, {"target_modules": ["q_proj", "embed_tokens"]}, TargetError,
                         "'model.embed_tokens', which is also a LoRA target"),
         "modules_to_save": (llama, {"modules_to_save": ["embed_tokens"]}, ConfigError, "modules_to_save trains fully"),

@@ -390,8 +390,10 @@ def _weight(module: nn.Module) -> torch.Tensor | None:
     return module._parameters.get("weight") if isinstance(module, nn.Module) else None
 
 
-def _input_embedding(model: nn.Module, units: list[tuple[str, nn.Module, nn.Module]]) -> str | None:
-    get = getattr(model, "get_input_embeddings", None)
+def _input_embedding(model: nn.Module, units: list[tuple[str, nn.Module, nn.Module]],
+                     getter: str = "get_input_embeddings") -> str | None:
+    """The path of the module transformers' ``get_input_embeddings()`` (or ``getter``) returns, if any."""
+    get = getattr(model, getter, None)
     try:
         emb = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
@@ -465,9 +467,12 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_targets: Se
                               "or in target_modules); PEFT refuses this too. Leave it out of target_modules, or "
                               f"drop {field} and adapt the whole embedding with LoRA")
         weight = _weight(raw)
-        if not isinstance(raw, (nn.Embedding, nn.Linear)) or weight is None:
-            raise TargetError(f"{field} names {path!r}, a {_kind(raw)}; trainable tokens need a torch.nn.Embedding "
-                              f"(or a torch.nn.Linear output head). Embeddings of this model: {_embeddings(units)}")
+        # an nn.Linear only as the output head (get_output_embeddings()): its rows are the tokens' output embeddings
+        head = isinstance(raw, nn.Linear) and path == _input_embedding(model, units, "get_output_embeddings")
+        if not (isinstance(raw, nn.Embedding) or head) or weight is None:
+            raise TargetError(f"{field} names {path!r}, a {_kind(raw)}, which is not an embedding; trainable tokens "
+                              "need a torch.nn.Embedding (or the model's torch.nn.Linear output head, "
+                              f"get_output_embeddings()). Embeddings of this model: {_embeddings(units)}")
         if type(weight) not in (torch.Tensor, nn.Parameter) or not (weight.is_floating_point() or weight.is_meta):
             raise TargetError(f"{field} names {path!r}, whose weight is not a plain floating-point tensor "
                               f"({type(weight).__name__}, {weight.dtype}); trainable tokens cannot swap its rows")
