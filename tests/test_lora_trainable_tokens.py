@@ -18,7 +18,7 @@ import peft
 import pytest
 import torch
 from conftest import clone_state, model_inputs, module_tree, state_equal, tiny_gpt2, tiny_t5
-from peft_core import AdapterError, ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model
+from peft_core import AdapterError, ConfigError, LoraConfig, MergeError, PeftModel, TargetError, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -211,7 +211,7 @@ def test_safe_merge_refuses_non_finite_rows_and_changes_nothing():
     with torch.no_grad():
         model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"][1, 0] = float("nan")
     before = clone_state(model.base_model)
-    with pytest.raises(Exception, match="NaN/Inf"):
+    with pytest.raises(MergeError, match="NaN/Inf"):
         model.merge_adapter(safe_merge=True)
     assert model.merged_adapters == []
     after = clone_state(model.base_model)
@@ -278,6 +278,10 @@ def test_several_adapters_disable_delete_and_mixed_batch_match_peft():
     ours.set_adapter(["default", "c"])
     with pytest.raises(AdapterError, match="both train token 5"):
         ours(**x)
+    with pytest.raises(MergeError, match="both train token 5"):
+        ours.merge_adapter(["default", "c"])
+    assert ours.merged_adapters == ["default"]  # merging is per adapter: "c" changed nothing
+    ours.unmerge_adapter()
     ours.set_adapter("b")
     ours.delete_adapter("default")
     ours.delete_adapter("c")

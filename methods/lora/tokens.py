@@ -185,7 +185,7 @@ class TrainableTokensWrapper(nn.Module):
             src._cache[key] = found
         return found
 
-    def _check_disjoint(self, names: Sequence[str]) -> None:
+    def _check_disjoint(self, names: Sequence[str], error: type[Exception] = AdapterError) -> None:
         """Two adapters replacing the same row at once has no defined result (PEFT refuses it too)."""
         src = self.source
         owner: dict[int, str] = {}
@@ -193,7 +193,7 @@ class TrainableTokensWrapper(nn.Module):
             for token in src.token_indices[name]:
                 other = owner.setdefault(token, name)
                 if other != name:
-                    raise AdapterError(
+                    raise error(
                         f"adapters {other!r} and {name!r} both train token {token} of {src._path or 'an embedding'} "
                         "(trainable_token_indices): they cannot act at once. Activate (or merge) one of them at a "
                         "time, or give them disjoint indices")
@@ -315,7 +315,7 @@ class TrainableTokensWrapper(nn.Module):
         if weight.is_meta or self._rows(name).is_meta:
             raise MergeError(f"cannot merge the trainable tokens of adapter {name!r} on the meta device: load real "
                              "weights first")
-        self._check_disjoint((*self._restore, name))
+        self._check_disjoint((*self._restore, name), MergeError)
         if safe:
             check_finite(self._rows(name).detach().to(weight.dtype), name, f"{self._path} (trainable tokens)")
 
