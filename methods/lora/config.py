@@ -168,7 +168,8 @@ class LoraConfig(PeftConfig):
     #: Train only these rows of an embedding (new tokens, say) besides the LoRA layers, as PEFT's field: a list of
     #: indices is for the model's input embedding (``get_input_embeddings()``, else a module named
     #: ``embed_tokens``); a mapping names the modules, ``{"embed_tokens": [0, 1]}`` (a name matches a module
-    #: path that is it or ends in ``.`` + it). Each listed row starts as the embedding's own row and is replaced,
+    #: path that is it or ends in ``.`` + it; an untied output head may be named too, for its output rows).
+    #: Each listed row starts as the embedding's own row and is replaced,
     #: not added to; modules that share the embedding's weight (a tied ``lm_head``) see the same rows. Saved as
     #: ``<path>.token_adapter.trainable_tokens_delta`` (see ``peft_lora.tokens``).
     trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = attrs.field(
