@@ -16,6 +16,9 @@ Tensor keys (adapter name stripped on disk, put back on load, for any adapter na
                                                      ``prefix_projection`` the file holds the projected prefix)
     ``base_model.<p>.bias``, ``….base_layer.bias``    ``base_model.model.<p>.bias``, ``….base_layer.bias``
                                                      (LoRA's ``bias="all"`` / ``"lora_only"``)
+    ``base_model.<p>.token_adapter.trainable_tokens_delta.<name>``
+                                                     ``base_model.model.<p>.token_adapter.trainable_tokens_delta``
+                                                     (LoRA's ``trainable_token_indices``)
 
 Read but not written: PEFT's LoRA files with ``bias="all"`` repeat a ``modules_to_save`` module's bias as
 ``base_model.model.<p>.modules_to_save.bias`` (loaded into the copy) and ``….original_module.bias`` (into

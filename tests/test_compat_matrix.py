@@ -352,7 +352,8 @@ def test_unknown_fields_from_newer_versions_give_one_warning_naming_them(tmp_pat
 
 @pytest.mark.parametrize("field,value", [
     ("use_qalora", True), ("kasa_config", {"alpha": 1}), ("monteclora_config", {"num_samples": 2}),
-    ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "eva"), ("init_lora_weights", "loftq"),
+    ("ensure_weight_tying", True), ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "eva"),
+    ("init_lora_weights", "loftq"),
 ])
 def test_peft_features_we_lack_are_a_clear_config_error(field, value, tmp_path):
     ref = peft.get_peft_model(tiny_llama(), configs("llama", "lora")[1])

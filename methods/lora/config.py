@@ -87,6 +87,51 @@ def _int_to_float(value: Any) -> Any:
     return value
 
 
+def _token_indices(value: Any) -> Any:
+    """JSON lists (and any sequence of indices) become tuples, a mapping a read-only dict of tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, Mapping):
+        return FrozenDict({k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in value.items()})
+    return value  # None, or a wrong type that the validator names
+
+
+def _indices_problem(value: Any) -> str | None:
+    if not isinstance(value, tuple):
+        return f"must be a list of token indices, got {short_repr(value)}"
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad:
+        return f"holds {short_repr(bad[0])}, which is not a token index (an int >= 0)"
+    if len(set(value)) != len(value):
+        twice = next(i for i in value if value.count(i) > 1)
+        # two trainable rows for one token: which one the embedding returns would be undefined
+        return f"lists token {twice} more than once; list each index once"
+    return None
+
+
+def _token_indices_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    name = f"LoraConfig.{attribute.name}"
+    if value is None:
+        return
+    if isinstance(value, tuple):
+        problem = _indices_problem(value)
+        if problem:
+            raise ConfigError(f"{name} {problem}")
+        return
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigError(f"{name} is an empty mapping; give {{'embed_tokens': [indices]}} or None")
+        for key, indices in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"{name}: keys must be non-empty module names, got {short_repr(key)}")
+            problem = _indices_problem(indices)
+            if problem:
+                raise ConfigError(f"{name}[{key!r}] {problem}")
+        return
+    raise ConfigError(f"{name} must be a list of token indices (for the input embedding), a mapping of "
+                      f"embedding-module name to such a list, or None; got {short_repr(value)}")
+
+
 def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     from .init import valid_init
 
@@ -106,7 +151,7 @@ class LoraConfig(PeftConfig):
         "lora_bias": False, "use_qalora": False, "layer_replication": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
         "arrow_config": None, "megatron_config": None,
-        "trainable_token_indices": None, "ensure_weight_tying": False, "lora_ga_config": None,
+        "ensure_weight_tying": False, "lora_ga_config": None,
         "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "velora_config": None,
         "megatron_core": ANY, "qalora_group_size": ANY,
     }
@@ -144,6 +189,15 @@ class LoraConfig(PeftConfig):
     #: route mixed batches (``adapter_names``), as in PEFT. See docs/coming-from-peft.md.
     target_parameters: tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                             validator=_parameters_ok)
+    #: Train only these rows of an embedding (new tokens, say) besides the LoRA layers, as PEFT's field: a list of
+    #: indices is for the model's input embedding (``get_input_embeddings()``, else a module named
+    #: ``embed_tokens``); a mapping names the modules, ``{"embed_tokens": [0, 1]}`` (a name matches a module
+    #: path that is it or ends in ``.`` + it; an untied output head may be named too, for its output rows).
+    #: Each listed row starts as the embedding's own row and is replaced,
+    #: not added to; modules that share the embedding's weight (a tied ``lm_head``) see the same rows. Saved as
+    #: ``<path>.token_adapter.trainable_tokens_delta`` (see ``peft_lora.tokens``).
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = attrs.field(
+        default=None, converter=_token_indices, validator=_token_indices_ok)
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

@@ -14,7 +14,7 @@ from peft_core.merging import check_finite
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
-from . import hookspecs
+from . import hookspecs, tokens
 from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
 from .layers import LoraLayer, builtin_layer, supported_base
@@ -112,6 +112,7 @@ class LoraPlugin:
         targets = module_targets(model, config)
         # target_parameters: checked before anything changes, injected after the modules (PEFT's order)
         planned = plan_parameters(model, adapter_name, config, targets)
+        token_plans = tokens.plan_trainable_tokens(model, config, targets)  # checked before any change
         # a layer for every target before changing anything: an unsupported one leaves the model untouched
         make = get_registry().hook.lora_make_layer
         layers: dict[str, LoraLayer] = {}
@@ -135,6 +136,7 @@ class LoraPlugin:
                 model.set_submodule(path, layer)
         if planned:
             targets += [p for p in inject_parameters(model, adapter_name, config, runtime, planned) if p not in targets]
+        tokens.apply_trainable_tokens(model, adapter_name, token_plans, runtime)
         return targets
 
     @hookimpl
@@ -173,6 +175,7 @@ class LoraPlugin:
                     continue
                 if config.bias == "all" or key[: -len(".base_layer.bias")] in lora_paths:
                     out[model_to_disk_key(key)] = value
+        out.update(tokens.token_state_dict(adapter_name, state_dict))
         return out
 
     @hookimpl
@@ -196,7 +199,7 @@ class LoraPlugin:
                 # (adapter name stripped); the core has taken the copy's own keys out already
                 model_key = model_key.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.", 1)
             out[model_key] = value
-        return out
+        return tokens.map_token_keys(out, adapter_name)
 
     @hookimpl
     def convert_for_save(self, adapter_name: str, config: LoraConfig, state_dict: Mapping[str, torch.Tensor],
@@ -211,6 +214,7 @@ class LoraPlugin:
 
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
+        token_sources = tokens.check_token_merge(model, adapter_name, safe)  # raises before anything is folded
         layers = _layers(model, adapter_name)
         if safe:  # check everything before folding anything
             for path, layer in layers:
@@ -225,10 +229,16 @@ class LoraPlugin:
             for layer in reversed(done):
                 layer.unmerge(adapter_name)
             raise
+        try:  # trainable tokens never share a weight with a LoRA layer (refused at inject): the order is free
+            tokens.merge_tokens(token_sources, adapter_name)
+        except BaseException:
+            self.unmerge(model, adapter_name)
+            raise
         return True
 
     @hookimpl
     def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
+        tokens.unmerge_tokens(model, adapter_name)
         for _, layer in _layers(model, adapter_name):
             layer.unmerge(adapter_name)
         return True
@@ -241,6 +251,7 @@ class LoraPlugin:
             layer.drop(adapter_name)
             if not layer.r:
                 model.set_submodule(path, layer.base_layer)
+        tokens.remove_tokens(model, adapter_name)
         return True
 
 
