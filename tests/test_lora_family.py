@@ -289,6 +289,12 @@ def test_olora_on_conv1d_keeps_the_output():
 
 
 def test_init_refusals_name_the_value():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))  # the Linear comes first in model order
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TargetError, match="pissa"):  # the embedding has no Linear weight: refused before any SVD
+        get_peft_model(model, LoraConfig(target_modules=["0", "1"], r=2, init_lora_weights="pissa"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no residual written anywhere
     with pytest.raises(Exception, match="even rank"):
         get_peft_model(MODELS["llama"](), LoraConfig(target_modules=["q_proj"], r=3, init_lora_weights="orthogonal"))
     for bad in ("eva", "loftq", "pissa_niter_x"):
@@ -457,3 +463,60 @@ def test_lora_published_hooks_are_documented_like_the_core_s():
         sig = inspect.signature(getattr(lora_specs, name))
         assert sig.return_annotation is not inspect.Signature.empty
         assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
+
+
+# ---------------------------------------------------------------- lora_bias
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_lora_bias_matches_peft_files_and_merge(name, tmp_path):
+    ours, theirs = _pair(name, lora_bias=True)
+    with torch.no_grad():  # a trained-looking bias (the init is zero)
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n and n.endswith("bias"):
+                p.normal_()
+    copy_adapter_weights(theirs, ours)
+    x = model_inputs(name)
+    expected = _out(theirs, x)
+    assert _diff(_out(ours, x), expected) <= TOL
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert a.keys() == b.keys() and any(k.endswith("lora_B.bias") for k in a)
+    assert _diff(_out(peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours"), x), expected) <= TOL
+    assert _diff(_out(PeftModel.from_pretrained(MODELS[name](), tmp_path / "theirs"), x), expected) <= TOL
+    base = {k: v.clone() for k, v in ours.get_base_model().state_dict().items()}
+    ours.merge_adapter()
+    assert _diff(_out(ours, x), expected) <= TOL * 10
+    ours.unmerge_adapter()
+    assert all(torch.equal(v, ours.get_base_model().state_dict()[k]) for k, v in base.items())
+    model = get_peft_model(MODELS[name](), LoraConfig(target_modules="all-linear", lora_bias=True))
+    model.add_adapter("other", LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    xb = model_inputs(name, batch=2)
+    names = ["default", "other"]
+    mixed = _out(model, {**xb, "adapter_names": names})
+    for i, n in enumerate(names):
+        model.set_adapter(n)
+        assert _diff(mixed[i], _out(model, xb)[i]) <= TOL, n
+
+
+def test_lora_bias_refusals():
+    with pytest.raises(Exception, match="lora_bias=True needs use_dora=False"):
+        LoraConfig(lora_bias=True, use_dora=True)
+    with pytest.raises(Exception, match="lora_bias"):
+        LoraConfig(lora_bias=True, init_lora_weights="pissa")
+    model = MODELS["llama"]()
+    with pytest.raises(TargetError, match=r"nn\.Embedding"):
+        get_peft_model(model, LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+    assert type(model.model.embed_tokens) is nn.Embedding
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items()}
+    with pytest.raises(MergeError, match="no bias"):  # llama's projections have no bias to merge into
+        ours.merge_adapter()
+    after = ours.get_base_model().state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing folded
+    with pytest.raises(Exception, match="lora_bias=True"):
+        ours.add_weighted_adapter(["default"], [1.0], "sum")

@@ -148,7 +148,7 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = "LORA"
     #: Fields Hugging Face PEFT writes that this plugin accepts only at these (inert) values.
     peft_inert_fields: ClassVar[Mapping[str, Any]] = {
-        "lora_bias": False, "use_qalora": False, "layer_replication": None,
+        "use_qalora": False, "layer_replication": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
         "arrow_config": None, "megatron_config": None,
         "ensure_weight_tying": False, "lora_ga_config": None,
@@ -170,6 +170,8 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = attrs.field(default=False, validator=check(bool))
     #: DoRA: a trained magnitude per output row beside A and B (``peft_lora.dora``); saved as PEFT does.
     use_dora: bool = attrs.field(default=False, validator=check(bool))
+    #: A trained bias on lora_B (scaled like B A); merging adds it to the base layer's bias. Not on embeddings.
+    lora_bias: bool = attrs.field(default=False, validator=check(bool))
     init_lora_weights: bool | str = attrs.field(default=True, validator=_init_ok)
     layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
                                                                      validator=_layers_ok)
@@ -223,6 +225,10 @@ class LoraConfig(PeftConfig):
                 raise ConfigError(f"LoraConfig.target_parameters cannot be combined with init_lora_weights="
                                   f"{self.init_lora_weights!r}, which reads a Linear layer's weight; use True or "
                                   "'gaussian'")
+        if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            # as PEFT: DoRA's magnitude and the weight-reading inits have no place for a LoRA bias
+            raise ConfigError(f"LoraConfig.lora_bias=True needs use_dora=False and init_lora_weights True or False "
+                              f"(got use_dora={self.use_dora}, init_lora_weights={self.init_lora_weights!r})")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern only has a meaning with layers_to_transform; "
                               "set layers_to_transform too, or drop layers_pattern")

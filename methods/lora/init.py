@@ -23,7 +23,7 @@ from peft_core.errors import ConfigError, TargetError
 if TYPE_CHECKING:
     from .layers import LoraLayer
 
-__all__ = ["INITS", "initialise", "valid_init"]
+__all__ = ["INITS", "check", "initialise", "valid_init"]
 
 #: The string initialisations this plugin runs (besides True, False and "gaussian").
 INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal")
@@ -40,7 +40,7 @@ def valid_init(value: object) -> bool:
 def _linear_weight(layer: LoraLayer, init: str) -> tuple[torch.Tensor, bool]:
     from .layers import LoraLinear
 
-    if not isinstance(layer, LoraLinear) or type(layer).merged_weight is not LoraLinear.merged_weight:
+    if not isinstance(layer, LoraLinear) or not layer.plain_weight:
         raise TargetError(f"init_lora_weights={init!r} needs a Linear-like layer with a plain float weight; "
                           f"{type(layer).__name__} over {type(layer.base_layer).__name__} is not one "
                           "(exclude it, or use init_lora_weights=True)")
@@ -63,6 +63,20 @@ def _take_residual(layer: LoraLayer, name: str, w: torch.Tensor, transposed: boo
     residual = w32 - layer.scaling[name] * (b @ a)
     with torch.no_grad():
         w.copy_((residual.t() if transposed else residual).to(w.dtype))
+
+
+def check(layer: LoraLayer, init: bool | str, r: int) -> None:
+    """Raise what :func:`initialise` would raise for ``layer`` at rank ``r``, without changing anything: LoRA checks
+    every target first, since PiSSA and OLoRA write into the base weights and a failure halfway through would
+    leave some of them changed."""
+    if not isinstance(init, str) or init == "gaussian":
+        return
+    if not valid_init(init):
+        raise ConfigError(f"init_lora_weights={init!r} is not an initialisation this plugin runs "
+                          f"(True, False, 'gaussian', {', '.join(repr(i) for i in INITS)})")
+    _linear_weight(layer, init)
+    if init == "orthogonal" and r % 2:
+        raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
 
 
 def initialise(layer: LoraLayer, name: str, init: str) -> None:

@@ -82,6 +82,12 @@ class LoraLayer(nn.Module):
 
     #: Mixed batches (``adapter_names=[...]``): every built-in layer computes each row with its adapter.
     supports_routing = True
+    #: ``base_layer.weight`` is the layer's dense floating-point weight in its usual layout, which DoRA and the
+    #: weight-reading initialisations (PiSSA, OLoRA) read and write; a layer over a packed or quantized weight
+    #: sets False, and those features then refuse it with a TargetError instead of reading the packed bits.
+    plain_weight = True
+    #: lora_B can carry a bias (``lora_bias=True``); embeddings cannot (their A and B are bare parameters).
+    supports_lora_bias = True
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__()
@@ -94,6 +100,8 @@ class LoraLayer(nn.Module):
         self._restore: dict[str, RestoreToken] = {}  # merged adapter -> what unmerge needs for an exact restore
         self.trains_bias: dict[str, bool] = {}  # adapter -> it trains the base layer's bias (bias != "none")
         self.variants: dict[str, LoraVariant] = {}  # adapter -> its variant (DoRA...), for those that have one
+        self.lora_bias: dict[str, bool] = {}  # adapter -> lora_B has a bias (PEFT's lora_bias)
+        self._restore_bias: dict[str, RestoreToken] = {}  # merged lora_bias adapter -> the base bias's restore data
         self._generation = 0  # bumped whenever the held or merged adapters change (invalidates _live's memo)
 
     # ---- subclass interface
@@ -134,9 +142,10 @@ class LoraLayer(nn.Module):
         return list(self.r)
 
     def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str,
-            trains_bias: bool = False, variant: LoraVariant | None = None) -> None:
+            trains_bias: bool = False, variant: LoraVariant | None = None, lora_bias: bool = False) -> None:
         self._generation += 1
         self.trains_bias[name] = trains_bias
+        self.lora_bias[name] = lora_bias
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -157,7 +166,8 @@ class LoraLayer(nn.Module):
     def drop(self, name: str) -> None:
         self._generation += 1
         self._restore.pop(name, None)
-        for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p, self.trains_bias):
+        self._restore_bias.pop(name, None)
+        for d in (self.r, self.lora_alpha, self.scaling, self.dropout_p, self.trains_bias, self.lora_bias):
             d.pop(name, None)
         variant = self.variants.pop(name, None)
         if variant is not None:
@@ -200,6 +210,7 @@ class LoraLayer(nn.Module):
             return
         self._generation += 1
         weight = self.base_layer.weight
+        base_bias = self._base_bias(name) if self.lora_bias.get(name) else None  # refuse before changing anything
         with torch.no_grad():
             variant = self.variants.get(name)
             if variant is not None:  # not an addition: write the merged value, remember the changed bits
@@ -211,17 +222,37 @@ class LoraLayer(nn.Module):
                 self._restore[name] = replace_exactly(weight, new)
             else:
                 self._restore[name] = added_exactly(weight, self.delta_weight(name), safe=safe, adapter_name=name)
+            if base_bias is not None:  # lora_B's bias, scaled, folds into the base bias
+                self._restore_bias[name] = added_exactly(base_bias, self.bias_delta(name), safe=safe,
+                                                         adapter_name=name)
 
     def unmerge(self, name: str) -> None:
         self._generation += 1
         token = self._restore.pop(name, None)
         if token is not None:
             restore_exactly(self.base_layer.weight, token)
+        token = self._restore_bias.pop(name, None)
+        if token is not None:
+            restore_exactly(self.base_layer.bias, token)
+
+    def _base_bias(self, name: str) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            from peft_core.errors import MergeError
+
+            raise MergeError(f"adapter {name!r} has lora_bias=True but {type(self.base_layer).__name__} has no bias "
+                             "to merge it into (as in PEFT); keep it unmerged")
+        return bias
+
+    def bias_delta(self, name: str) -> torch.Tensor:
+        """What merging adds to the base bias: ``scaling * lora_B.bias`` (lora_bias adapters), in fp32."""
+        return self.lora_B[name].bias.detach().float() * self.scaling[name]  # type: ignore[index,union-attr]
 
     def forget_merge(self, name: str) -> None:
         """Keep the merged weights; drop the restore data (merge_and_unload)."""
         self._generation += 1
         self._restore.pop(name, None)
+        self._restore_bias.pop(name, None)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, merged={list(self._restore)}"
@@ -248,6 +279,8 @@ class ModulePairLayer(LoraLayer):
         elif init == "gaussian":
             nn.init.normal_(a.weight, std=1 / r)
             nn.init.zeros_(b.weight)
+        if init is not False and getattr(b, "bias", None) is not None:
+            nn.init.zeros_(b.bias)  # lora_bias: starts at zero too, so a new adapter is the identity
         self.lora_A[name] = a
         self.lora_B[name] = b
 
@@ -256,9 +289,12 @@ class ModulePairLayer(LoraLayer):
         del self.lora_B[name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        return {f"lora_A.{adapter_name}.weight": self.lora_A[adapter_name].weight,
-                f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight,
-                **self.variant_parameters(adapter_name)}
+        out = {f"lora_A.{adapter_name}.weight": self.lora_A[adapter_name].weight,
+               f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight}
+        bias = self.lora_B[adapter_name].bias
+        if isinstance(bias, nn.Parameter):  # lora_bias=True
+            out[f"lora_B.{adapter_name}.bias"] = bias
+        return {**out, **self.variant_parameters(adapter_name)}
 
     def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
                      one: Any) -> torch.Tensor:
@@ -293,7 +329,7 @@ class LoraLinear(ModulePairLayer):
     def _create(self, name: str, r: int, init: bool | str) -> None:
         kw = new_parameter_kwargs(self.base_layer.weight)
         self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
-                    nn.Linear(r, self.out_features, bias=False, **kw), r, init)
+                    nn.Linear(r, self.out_features, bias=self.lora_bias.get(name, False), **kw), r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.float()
@@ -326,7 +362,12 @@ class LoraLinear(ModulePairLayer):
                 continue
             result = lora_linear(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name], p, inplace)
+            if self.lora_bias[name]:
+                result = result + self._scaled_bias(name, result.dtype)
         return result
+
+    def _scaled_bias(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.lora_B[name].bias.to(dtype) * self.scaling[name]
 
     def _mixed(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row through its own adapter, with one batched matmul pair for all adapters (adapters with a
@@ -334,7 +375,7 @@ class LoraLinear(ModulePairLayer):
         from .mixed import mixed_linear
 
         result = self.base_layer(x, *args, **kwargs)
-        if not any(n in self.variants for n in routing.names):
+        if not any(n in self.variants or self.lora_bias.get(n) for n in routing.names):
             return mixed_linear(self, x, routing, result)
         if len(routing.names) != x.shape[0]:
             raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
@@ -350,6 +391,8 @@ class LoraLinear(ModulePairLayer):
                 new = variant.forward(self, name, xr, rr, rr, 0.0)  # the rows' output is their base output
             else:
                 new = lora_linear(rr, xr, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+                if self.lora_bias[name]:
+                    new = new + self._scaled_bias(name, new.dtype)
             out = out.index_copy(0, rows, new.to(out.dtype))
         return out
 
@@ -389,6 +432,8 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base_layer, runtime)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+
+    supports_lora_bias = False
 
     def _create(self, name: str, r: int, init: bool | str) -> None:
         w = self.base_layer.weight
@@ -506,8 +551,8 @@ class ConvLoraLayer(ModulePairLayer):
         # so an A that always zero-pads would make merged outputs differ (Hugging Face PEFT's A zero-pads)
         a = self.conv_cls(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                           bias=False, padding_mode=base.padding_mode, **kw)
-        self._store(name, a, self.conv_cls(r, base.out_channels, 1, 1, groups=base.groups, bias=False, **kw), r,
-                    init)
+        b = self.conv_cls(r, base.out_channels, 1, 1, groups=base.groups, bias=self.lora_bias.get(name, False), **kw)
+        self._store(name, a, b, r, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         if self.base_layer.groups > 1:

@@ -41,6 +41,10 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         if cfg.target_parameters:  # as PEFT: an expert stack's per-expert factors do not combine like a matrix's
             raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses target_parameters, which it does not "
                                "support (nor does PEFT); combine adapters that target modules only")
+        if cfg.use_dora or cfg.lora_bias:  # a magnitude or a bias does not combine as B A products do
+            raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses "
+                               f"{'use_dora' if cfg.use_dora else 'lora_bias'}=True, which it cannot combine "
+                               "exactly; combine plain LoRA adapters")
         configs.append(cfg)
     if combination_type not in ("cat", "linear"):
         raise ConfigError(f"combination_type={combination_type!r} is not supported; use 'cat' or 'linear'")

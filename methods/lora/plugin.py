@@ -17,6 +17,7 @@ from torch import nn
 from . import hookspecs, tokens
 from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
+from .init import check as check_init
 from .layers import LoraLayer, builtin_layer, supported_base
 from .operations import add_weighted_adapter
 from .parameters import inject_parameters, module_targets, plan_parameters, skip_default_targets
@@ -25,9 +26,9 @@ from .variant import LoraVariant
 
 __all__ = ["LoraPlugin", "plugin"]
 
-_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
+_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
-_DISK_PARAM = re.compile(r"\.(lora_A|lora_B)\.weight$")
+_DISK_PARAM = re.compile(r"\.(lora_A|lora_B)\.(weight|bias)$")
 _DISK_EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)$")
 #: DoRA's magnitude: ``lora_magnitude_vector.<adapter>.weight`` in the model, ``.lora_magnitude_vector`` on disk
 _DISK_MAGNITUDE = re.compile(r"\.(lora_magnitude_vector)$")
@@ -75,10 +76,12 @@ class LoraPlugin:
     def lora_variant(self, config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant | None:
         if not config.use_dora:
             return None
-        if not all(callable(getattr(layer, m, None)) for m in DORA_LAYOUT):
-            raise TargetError(f"use_dora=True: module {path!r} is a {type(layer).__name__}, which has no DoRA "
-                              "(it does not implement peft_lora.dora.DoraLayout); exclude it with exclude_modules "
-                              "or train it without DoRA")
+        if not layer.plain_weight or not all(callable(getattr(layer, m, None)) for m in DORA_LAYOUT):
+            why = ("its base weight is packed/quantized (plain_weight=False): DoRA on quantized layers is not "
+                   "implemented by peft-core" if not layer.plain_weight
+                   else "it does not implement peft_lora.dora.DoraLayout")
+            raise TargetError(f"use_dora=True: module {path!r} is a {type(layer).__name__}, which has no DoRA ({why}); "
+                              "exclude it with exclude_modules or train it without DoRA")
         if getattr(layer.base_layer, "groups", 1) != 1:
             raise TargetError(f"use_dora=True: module {path!r} is a grouped convolution "
                               f"(groups={layer.base_layer.groups}), which DoRA does not support (nor does Hugging "
@@ -128,10 +131,15 @@ class LoraPlugin:
                                   "expects a peft_lora.LoraLayer whose base_layer is the module")
             layers[path] = layer
             variants[path] = get_registry().hook.lora_variant(config=config, layer=layer, path=path)
+            if config.lora_bias and not layer.supports_lora_bias:
+                raise TargetError(f"lora_bias=True: module {path!r} is a {type(layer).__name__}, whose lora_B cannot "
+                                  "carry a bias (an nn.Embedding; PEFT refuses it too): exclude it from "
+                                  "target_modules, or train without lora_bias")
+            check_init(layer, config.init_lora_weights, rank_and_alpha(config, path)[0])
         for path, layer in layers.items():
             r, alpha = rank_and_alpha(config, path)
             layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                      trains_bias=config.bias != "none", variant=variants[path])
+                      trains_bias=config.bias != "none", variant=variants[path], lora_bias=config.lora_bias)
             if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
         if planned:
@@ -165,7 +173,7 @@ class LoraPlugin:
             lora_paths.add(stem)
             # on disk the adapter name is dropped, and so is DoRA's ".weight" (PEFT's historical key)
             keep_weight = m.re is _PARAM and m.group(1) != "lora_magnitude_vector"
-            suffix = f".{m.group(1)}.weight" if keep_weight else f".{m.group(1)}"
+            suffix = f".{m.group(1)}.{m.group(3)}" if keep_weight else f".{m.group(1)}"
             out[model_to_disk_key(stem + suffix)] = value
         if config.bias != "none":
             for key, value in state_dict.items():
@@ -186,7 +194,7 @@ class LoraPlugin:
             if key.startswith(DISK_MODEL_PREFIX):
                 m = _DISK_PARAM.search(model_key)
                 if m is not None:
-                    model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}.weight"
+                    model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}.{m.group(2)}"
                 else:
                     m = _DISK_EMB.search(model_key)
                     if m is not None:

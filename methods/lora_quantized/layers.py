@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft_core.errors import MergeError
 from peft_core.merging import check_finite
 from peft_core.runtime import AdapterRuntime
 from peft_lora import LoraLinear, ModulePairLayer
@@ -28,6 +29,7 @@ class QuantizedLoraLinear(LoraLinear):
     weight to fp32 (``dense_weight``) and how to quantise a dense weight into the base layer (``requantize``)."""
 
     inplace_output = False  # a quantized kernel's output is not ours to overwrite
+    plain_weight = False  # packed bits: DoRA and PiSSA/OLoRA must not read base_layer.weight as floats
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         # the packed weight's shape is not (out, in): take the sizes from the layer
@@ -40,7 +42,7 @@ class QuantizedLoraLinear(LoraLinear):
         # fp32 beside a weight that is not floating point (what PEFT creates too); on the weight's device
         kw = {"device": self.base_layer.weight.device, "dtype": torch.float32}
         self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
-                    nn.Linear(r, self.out_features, bias=False, **kw), r, init)
+                    nn.Linear(r, self.out_features, bias=self.lora_bias.get(name, False), **kw), r, init)
 
     # ---- what each quantized kind provides
     def dense_weight(self) -> torch.Tensor:
@@ -55,6 +57,9 @@ class QuantizedLoraLinear(LoraLinear):
     def merge(self, name: str, safe: bool) -> None:
         if name not in self.r or name in self._restore:
             return
+        if self.lora_bias.get(name):
+            raise MergeError(f"adapter {name!r} has lora_bias=True, which peft-core does not merge into a quantized "
+                             "layer; keep it unmerged")
         self._generation += 1
         original = self.base_layer.weight
         merged = self.dense_weight() + self.delta_weight(name).to(original.device)
