@@ -46,7 +46,7 @@ def _conv1d_type() -> type | None:
 
 def supported_base(module: nn.Module) -> str | None:
     """The kind of a layer by its type ("linear", "conv1d" for transformers' Conv1D, "embedding", "conv1d_torch",
-    "conv2d", "conv3d"), or None. Subclasses count
+    "conv2d", "conv3d", "multihead_attention"), or None. Subclasses count
     (a quantized ``nn.Linear`` is "linear" for ``target_modules="all-linear"``); whether LoRA's built-in
     layers can wrap it is :func:`builtin_layer`'s question."""
     if isinstance(module, LoraLayer):
@@ -64,6 +64,8 @@ def supported_base(module: nn.Module) -> str | None:
         return "conv1d_torch"  # "conv1d" is transformers' Conv1D (GPT-2), a Linear with a transposed weight
     if isinstance(module, nn.Conv3d):
         return "conv3d"
+    if isinstance(module, nn.MultiheadAttention):
+        return "multihead_attention"
     return None
 
 
@@ -658,6 +660,10 @@ def builtin_layer(module: nn.Module, runtime: AdapterRuntime) -> LoraLayer | Non
     """LoRA's own layer for ``module``, or None when LoRA's built-in layers do not handle its type: torch's
     Linear, Embedding, Conv1d/2d/3d and transformers' Conv1D, with floating-point weights (a
     quantized subclass of ``nn.Linear`` needs an extension plugin that knows its weight format)."""
+    if isinstance(module, nn.MultiheadAttention):  # no .weight: its layer checks in_proj_weight (peft_lora.mha)
+        from .mha import LoraMultiheadAttention  # imported here: mha builds on this module's classes
+
+        return LoraMultiheadAttention(module, runtime)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not (weight.is_floating_point() or weight.is_meta):
         return None

@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
 from .init import check as check_init
 from .layers import LoraLayer, builtin_layer, supported_base
+from .mha import check_attention_targets
 from .operations import add_weighted_adapter
 from .parameters import inject_parameters, module_targets, plan_parameters, skip_default_targets
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
@@ -52,7 +53,8 @@ def _unsupported(module: nn.Module, path: str) -> TargetError:
         hint = ("Its weight is not a plain floating-point tensor (a quantized layer?): install the plugin that "
                 "teaches LoRA this layer type.")
     return TargetError(f"module {path!r} is a {kind}, which no installed plugin teaches LoRA to adapt (built in: "
-                       f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d). {hint}")
+                       f"torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
+                       f"torch.nn.MultiheadAttention). {hint}")
 
 
 class LoraPlugin:
@@ -113,6 +115,7 @@ class LoraPlugin:
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                runtime: AdapterRuntime) -> list[str]:
         targets = module_targets(model, config)
+        check_attention_targets(model, targets, config.lora_dropout)  # warnings only (PEFT accepts these silently)
         # target_parameters: checked before anything changes, injected after the modules (PEFT's order)
         planned = plan_parameters(model, adapter_name, config, targets)
         token_plans = tokens.plan_trainable_tokens(model, config, targets)  # checked before any change
