@@ -520,3 +520,20 @@ def test_lora_bias_refusals():
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing folded
     with pytest.raises(Exception, match="lora_bias=True"):
         ours.add_weighted_adapter(["default"], [1.0], "sum")
+
+
+def test_lora_inside_a_transformer_encoder_layer_is_not_skipped_by_torch_s_fused_eval_path():
+    """In eval without grad, nn.TransformerEncoderLayer runs a fused kernel that reads linear1/linear2's weights
+    itself; LoRA on them must still count (PEFT 0.21 loses it there)."""
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        base = block(x)
+    model = get_peft_model(block, LoraConfig(target_modules=["linear1", "linear2"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        fast = model(x)
+    model.train()  # the slow path (dropout is 0, so train computes the same function)
+    slow = model(x).detach()
+    assert _diff(fast, slow) <= TOL and _diff(fast, base) > 1e-3

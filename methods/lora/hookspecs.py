@@ -55,7 +55,8 @@ def lora_make_layer(module: nn.Module, path: str, runtime: AdapterRuntime, confi
     :mod:`peft_lora`'s public layers) whose ``base_layer`` is ``module``, with no adapter yet — LoRA then
     calls its ``add(...)`` and puts it into the model; or None to let the next implementation try.
     Extensions are asked before LoRA's own implementation (``trylast``), which handles ``torch.nn.Linear``,
-    transformers' ``Conv1D``, ``torch.nn.Embedding`` and ``torch.nn.Conv2d`` with floating-point weights.
+    transformers' ``Conv1D``, ``torch.nn.Embedding``, ``torch.nn.Conv1d/2d/3d`` (grouped too) and
+    ``torch.nn.MultiheadAttention`` with floating-point weights.
     When every implementation returns None, LoRA raises a TargetError naming the module and its type.
 
     Example::

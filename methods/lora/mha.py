@@ -87,6 +87,7 @@ class LoraMultiheadAttention(ModulePairLayer):
 
     #: One weight for the whole call: a mixed batch would need a weight per row.
     supports_routing = False
+    supports_lora_bias = False  # the fused in_proj update has no lora_B module to carry one
 
     def __init__(self, base_layer: nn.MultiheadAttention, runtime: AdapterRuntime) -> None:
         if not base_layer._qkv_same_embed_dim or base_layer.in_proj_weight is None:
@@ -111,7 +112,9 @@ class LoraMultiheadAttention(ModulePairLayer):
 
     # ---- adapters
     def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str,
-            trains_bias: bool = False, variant: LoraVariant | None = None) -> None:
+            trains_bias: bool = False, variant: LoraVariant | None = None, lora_bias: bool = False) -> None:
+        if lora_bias:  # LoRA's inject refuses it first (supports_lora_bias); this is for direct calls
+            raise TargetError("lora_bias=True is not supported on a MultiheadAttention; exclude it or drop lora_bias")
         if variant is not None:  # LoRA's lora_variant refuses DoRA first; this is for other plugins' variants
             raise TargetError(f"LoRA variant {type(variant).__name__} cannot run on a MultiheadAttention (its update "
                               "is a weight change, not a layer); exclude the attention or use plain LoRA")

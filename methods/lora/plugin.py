@@ -57,8 +57,26 @@ def _unsupported(module: nn.Module, path: str) -> TargetError:
                        f"torch.nn.MultiheadAttention). {hint}")
 
 
+def _keep_off_fast_paths(model: nn.Module, layers: Mapping[str, LoraLayer]) -> None:
+    """A LoRA layer inside an ``nn.TransformerEncoderLayer`` gets a no-op forward pre-hook: in eval without grad,
+    torch runs that block through a fused kernel that reads ``linear1.weight``/``linear2.weight`` (the base
+    weights) directly and would skip the adapter silently; the kernel is not used while any submodule has hooks."""
+    for path, layer in layers.items():
+        if layer.__dict__.get("_fast_path_guard") is not None:
+            continue
+        parts = path.split(".")
+        ancestors = (model.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
+        if any(isinstance(m, nn.TransformerEncoderLayer) for m in ancestors):
+            layer.__dict__["_fast_path_guard"] = layer.register_forward_pre_hook(_no_op_pre_hook)
+
+
+def _no_op_pre_hook(module: nn.Module, args: tuple[object, ...]) -> None:
+    return None
+
+
 class LoraPlugin:
-    """LoRA (Hu et al., 2021) on Linear, Conv1D, Embedding and Conv2d layers."""
+    """LoRA (Hu et al., 2021) and DoRA on Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention layers and on
+    nn.Parameters (target_parameters), with trainable tokens."""
 
     @hookimpl
     def declare_methods(self) -> list[MethodSpec]:
@@ -145,6 +163,7 @@ class LoraPlugin:
                       trains_bias=config.bias != "none", variant=variants[path], lora_bias=config.lora_bias)
             if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
+        _keep_off_fast_paths(model, layers)
         if planned:
             targets += [p for p in inject_parameters(model, adapter_name, config, runtime, planned) if p not in targets]
         tokens.apply_trainable_tokens(model, adapter_name, token_plans, runtime)
