@@ -537,3 +537,41 @@ def test_lora_inside_a_transformer_encoder_layer_is_not_skipped_by_torch_s_fused
     model.train()  # the slow path (dropout is 0, so train computes the same function)
     slow = model(x).detach()
     assert _diff(fast, slow) <= TOL and _diff(fast, base) > 1e-3
+
+
+# ---------------------------------------------------------------- layer_replication
+def test_layer_replication_matches_peft_both_ways_and_refuses_merge(tmp_path):
+    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["q_proj", "v_proj"],
+          "layer_replication": [[0, 2], [1, 2]], "task_type": "CAUSAL_LM"}
+    theirs = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(**kw))
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(**kw))
+    copy_adapter_weights(theirs, ours)
+    inner = ours.get_base_model().model
+    assert len(inner.layers) == 3 and ours.get_base_model().config.num_hidden_layers == 3
+    shared = inner.layers[2].self_attn.k_proj.weight is inner.layers[1].self_attn.k_proj.weight
+    assert shared and inner.layers[2].self_attn.q_proj.lora_A["default"].weight is not \
+        inner.layers[1].self_attn.q_proj.lora_A["default"].weight  # shared base, own adapter
+    x = model_inputs("llama")
+    expected = _out(theirs, x)
+    assert _diff(_out(ours, x), expected) <= TOL
+    gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(ours.generate(input_ids=x["input_ids"], **gen), theirs.generate(input_ids=x["input_ids"], **gen))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["layer_replication"] == [[0, 2], [1, 2]]
+    assert _diff(_out(peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "ours"), x), expected) <= TOL
+    assert _diff(_out(PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "theirs"), x), expected) <= TOL
+    with pytest.raises(MergeError, match="layer_replication"):
+        ours.merge_adapter()
+    assert _diff(_out(ours, x), expected) <= TOL
+
+
+def test_layer_replication_refusals_leave_the_model_as_it_was():
+    model = MODELS["llama"]()
+    with pytest.raises(Exception, match=r"\[0, 5\]"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 5]]))
+    with pytest.raises(TargetError):  # a target that matches nothing, after the stack was rebuilt
+        get_peft_model(model, LoraConfig(target_modules=["nothing"], layer_replication=[[0, 2], [0, 2]]))
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    with pytest.raises(Exception, match="layer_replication"):
+        LoraConfig(layer_replication=[[2, 1]])

@@ -40,6 +40,22 @@ def _pattern_values(kind: type) -> Any:
     return validate
 
 
+def _replication(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value)
+    return value
+
+
+def _replication_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, tuple) and value and all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+            and 0 <= p[0] < p[1] for p in value)):
+        raise ConfigError(f"LoraConfig.layer_replication must be a list of [start, end) layer ranges, e.g. "
+                          f"[[0, 4], [2, 5]], got {short_repr(value)}")
+
+
 def _layers(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)
@@ -148,7 +164,7 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = "LORA"
     #: Fields Hugging Face PEFT writes that this plugin accepts only at these (inert) values.
     peft_inert_fields: ClassVar[Mapping[str, Any]] = {
-        "use_qalora": False, "layer_replication": None,
+        "use_qalora": False,
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
         "arrow_config": None, "megatron_config": None,
         "ensure_weight_tying": False, "lora_ga_config": None,
@@ -170,6 +186,10 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = attrs.field(default=False, validator=check(bool))
     #: DoRA: a trained magnitude per output row beside A and B (``peft_lora.dora``); saved as PEFT does.
     use_dora: bool = attrs.field(default=False, validator=check(bool))
+    #: Rebuild the layer stack from ``[start, end)`` ranges of the original layers, the copies sharing the base
+    #: weights, each with its own LoRA (``peft_lora.replication``); such adapters do not merge.
+    layer_replication: tuple[tuple[int, int], ...] | None = attrs.field(default=None, converter=_replication,
+                                                                       validator=_replication_ok)
     #: A trained bias on lora_B (scaled like B A); merging adds it to the base layer's bias. Not on embeddings.
     lora_bias: bool = attrs.field(default=False, validator=check(bool))
     init_lora_weights: bool | str = attrs.field(default=True, validator=_init_ok)

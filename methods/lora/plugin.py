@@ -9,7 +9,7 @@ import pluggy
 import torch
 from peft_core import MethodSpec, PeftConfig, TaskType, get_registry, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
-from peft_core.errors import TargetError
+from peft_core.errors import MergeError, TargetError
 from peft_core.merging import check_finite
 from peft_core.runtime import AdapterRuntime
 from torch import nn
@@ -22,6 +22,7 @@ from .layers import LoraLayer, builtin_layer, supported_base
 from .mha import check_attention_targets
 from .operations import add_weighted_adapter
 from .parameters import inject_parameters, module_targets, plan_parameters, skip_default_targets
+from .replication import replicate_layers
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
 from .variant import LoraVariant
 
@@ -132,6 +133,22 @@ class LoraPlugin:
     @hookimpl
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                runtime: AdapterRuntime) -> list[str]:
+        if not config.layer_replication:
+            return self._inject(model, adapter_name, config, runtime)
+        # the stack is rebuilt first (the targets are the copies' layers); the core's snapshot undoes the module
+        # changes of a failure, and the config values changed here are put back by hand
+        hf_config = getattr(model, "config", None)
+        saved = {k: getattr(hf_config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(hf_config, k)}
+        try:
+            replicate_layers(model, config.layer_replication)
+            return self._inject(model, adapter_name, config, runtime)
+        except BaseException:
+            for k, v in saved.items():
+                setattr(hf_config, k, v)
+            raise
+
+    def _inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                runtime: AdapterRuntime) -> list[str]:
         targets = module_targets(model, config)
         check_attention_targets(model, targets, config.lora_dropout)  # warnings only (PEFT accepts these silently)
         # target_parameters: checked before anything changes, injected after the modules (PEFT's order)
@@ -243,7 +260,10 @@ class LoraPlugin:
         return to_plain_lora(adapter_name, config, state_dict, initial_config, initial_state_dict)
 
     @hookimpl
-    def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
+    def merge(self, model: nn.Module, adapter_name: str, config: LoraConfig, safe: bool) -> bool:
+        if config.layer_replication:
+            raise MergeError(f"adapter {adapter_name!r} uses layer_replication: its layers' copies share their base "
+                             "weights, so a merge into one would reach every copy (PEFT refuses too); keep it unmerged")
         token_sources = tokens.check_token_merge(model, adapter_name, safe)  # raises before anything is folded
         layers = _layers(model, adapter_name)
         if safe:  # check everything before folding anything
