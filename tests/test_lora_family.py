@@ -575,3 +575,27 @@ def test_layer_replication_refusals_leave_the_model_as_it_was():
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
     with pytest.raises(Exception, match="layer_replication"):
         LoraConfig(layer_replication=[[2, 1]])
+
+
+@pytest.mark.parametrize("kw", [
+    {"target_modules": "all-linear", "exclude_modules": r".*layers\.0\..*"},
+    {"target_modules": ["q_proj", "v_proj", "o_proj"], "exclude_modules": ["o_proj"]},
+    {"target_modules": r".*(q|v)_proj", "rank_pattern": {r".*layers\.1\.self_attn\.q_proj": 2},
+     "alpha_pattern": {"v_proj": 3}},
+], ids=["exclude-regex", "exclude-list", "pattern-regexes"])
+def test_exclude_modules_and_patterns_as_regexes_adapt_what_peft_adapts(kw):
+    theirs = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(init_lora_weights=False, **kw))
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(init_lora_weights=False, **kw))
+    st = {k[len("base_model.model."):]: tuple(v.shape) for k, v in theirs.state_dict().items() if "lora_" in k}
+    so = {k[len("base_model."):]: tuple(v.shape) for k, v in ours.state_dict().items() if "lora_" in k}
+    assert so == st and so
+    copy_adapter_weights(theirs, ours)
+    x = model_inputs("llama")
+    assert _diff(_out(ours, x), _out(theirs, x)) <= TOL
+
+
+@pytest.mark.parametrize("field,value", [("megatron_config", {"tensor_model_parallel_size": 2}),
+                                         ("ensure_weight_tying", True)])
+def test_fields_left_out_are_refused_by_name(field, value):
+    with pytest.raises(Exception, match=field):
+        LoraConfig(target_modules=["q_proj"], **{field: value})
