@@ -313,8 +313,10 @@ def test_peft_config_keywords_build_our_config(case, tmp_path):
     assert type(ours)(**{k: v for k, v in written.items() if k != "peft_type"}) == ours
 
 
-@pytest.mark.parametrize("field,value", [("use_qalora", True), ("kasa_config", {"alpha": 1}),
-                                         ("velora_config", {"num_groups": 2})])
+# (kasa_config, velora_config, use_bdlora and init_lora_weights="mica" are LoRA fields now, implemented by the
+# lora_variants extension: see tests/test_lora_variants.py)
+@pytest.mark.parametrize("field,value", [("use_qalora", True), ("monteclora_config", {"num_samples": 2}),
+                                         ("corda_config", {"cache_file": "x"})])
 def test_peft_features_we_lack_are_a_config_error_in_the_constructor_too(field, value):
     with pytest.raises(ConfigError, match=f"{field}=.*does not implement"):
         LoraConfig(target_modules=["q_proj"], **{field: value})
@@ -351,7 +353,7 @@ def test_unknown_fields_from_newer_versions_give_one_warning_naming_them(tmp_pat
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_qalora", True), ("kasa_config", {"alpha": 1}), ("monteclora_config", {"num_samples": 2}),
+    ("use_qalora", True), ("lora_ga_config", {"batch_size": 2}), ("monteclora_config", {"num_samples": 2}),
     ("ensure_weight_tying", True), ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "eva"),
     ("init_lora_weights", "loftq"),
 ])

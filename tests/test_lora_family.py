@@ -518,7 +518,7 @@ def test_lora_bias_refusals():
         ours.merge_adapter()
     after = ours.get_base_model().state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing folded
-    with pytest.raises(Exception, match="lora_bias=True"):
+    with pytest.raises(Exception, match="uses lora_bias, which it cannot combine"):
         ours.add_weighted_adapter(["default"], [1.0], "sum")
 
 

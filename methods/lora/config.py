@@ -11,6 +11,8 @@ from peft_core.config import ANY, FrozenDict, PeftConfig, check, short_repr, to_
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
+from .variant_fields import VARIANT_FIELDS, VARIANT_INITS, subconfig
+
 __all__ = ["LoraConfig"]
 
 
@@ -151,10 +153,10 @@ def _token_indices_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> 
 def _init_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     from .init import valid_init
 
-    if not valid_init(value):
+    if not valid_init(value) and not (isinstance(value, str) and value in VARIANT_INITS):  # "mica": a variant's
         raise ConfigError(f"LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
-                          f"'pissa_niter_<n>', 'olora' or 'orthogonal', got {short_repr(value)} (PEFT's 'loftq', "
-                          "'eva', 'corda', 'lora_ga' and 'mica' are not supported by this plugin)")
+                          f"'pissa_niter_<n>', 'olora', 'orthogonal' or 'mica', got {short_repr(value)} (PEFT's "
+                          "'loftq', 'eva', 'corda' and 'lora_ga' are not supported by this plugin)")
 
 
 @attrs.frozen(kw_only=True)
@@ -168,9 +170,13 @@ class LoraConfig(PeftConfig):
         "loftq_config": {}, "eva_config": None, "corda_config": None, "alora_invocation_tokens": None,
         "arrow_config": None, "megatron_config": None,
         "ensure_weight_tying": False, "lora_ga_config": None,
-        "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "velora_config": None,
+        "monteclora_config": None,
         "megatron_core": ANY, "qalora_group_size": ANY,
     }
+    #: Fields that ask for a LoRA variant when set, and the init values that do: the variant that LoRA's
+    #: lora_variant hook returns must claim each (peft_lora.variant.check_claims; see peft_lora.variant_fields).
+    variant_fields: ClassVar[tuple[str, ...]] = VARIANT_FIELDS
+    variant_inits: ClassVar[frozenset[str]] = VARIANT_INITS
 
     r: int = attrs.field(default=8, validator=check(int, low=1, high=1_000_000,
                                                    fix="r is the adapter rank, e.g. 8."))
@@ -220,6 +226,12 @@ class LoraConfig(PeftConfig):
     #: ``<path>.token_adapter.trainable_tokens_delta`` (see ``peft_lora.tokens``).
     trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = attrs.field(
         default=None, converter=_token_indices, validator=_token_indices_ok)
+    #: PEFT's variants implemented by plugins (peft-core's lora_variants extension), stored as PEFT writes them:
+    #: BD-LoRA, KaSA and VeLoRA sub-configs (a mapping of the PEFT dataclass's fields, or None). See
+    #: peft_lora.variant_fields; with no plugin claiming a set field, inject is a ConfigError naming it.
+    use_bdlora: dict[str, Any] | None = attrs.field(default=None, converter=subconfig("use_bdlora"))
+    kasa_config: dict[str, Any] | None = attrs.field(default=None, converter=subconfig("kasa_config"))
+    velora_config: dict[str, Any] | None = attrs.field(default=None, converter=subconfig("velora_config"))
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -245,6 +257,10 @@ class LoraConfig(PeftConfig):
                 raise ConfigError(f"LoraConfig.target_parameters cannot be combined with init_lora_weights="
                                   f"{self.init_lora_weights!r}, which reads a Linear layer's weight; use True or "
                                   "'gaussian'")
+        others = [f for f in VARIANT_FIELDS if f != "use_dora" and getattr(self, f, None)]
+        if self.lora_bias and others:  # a variant's own B (BD-LoRA's blocks, KaSA's) has no place for a bias
+            raise ConfigError(f"LoraConfig.lora_bias=True cannot be combined with {others[0]}; train the variant "
+                              "without lora_bias")
         if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
             # as PEFT: DoRA's magnitude and the weight-reading inits have no place for a LoRA bias
             raise ConfigError(f"LoraConfig.lora_bias=True needs use_dora=False and init_lora_weights True or False "

@@ -102,6 +102,8 @@ class Dora:
 
     #: Where the magnitude lives on the layer: ``<attr>.<adapter>.weight``.
     attr = "lora_magnitude_vector"
+    #: The config field it implements (see peft_lora.variant).
+    claims = frozenset({"use_dora"})
 
     def create(self, layer: LoraLayer, name: str) -> nn.Module:
         """The magnitude for a new adapter: the current row norms of ``W + s B A``."""

@@ -82,7 +82,9 @@ def lora_variant(config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant
     None to let the next implementation answer. LoRA's own implementation runs last and answers
     :class:`peft_lora.dora.Dora` for ``use_dora=True``. Raise a TargetError for a layer the variant
     cannot handle. Extensions claim their adapters by a config field they read (a ``LoraConfig`` subclass
-    of their own, or one of LoRA's fields).
+    of their own, or one of LoRA's fields); a variant answering for one of LoRA's *variant fields*
+    (``LoraConfig.variant_fields``, ``variant_inits``) names it in its ``claims``, and LoRA refuses a set
+    variant field that the chosen variant does not claim (see :mod:`peft_lora.variant`).
 
     Example::
 

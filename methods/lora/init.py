@@ -69,8 +69,10 @@ def check(layer: LoraLayer, init: bool | str, r: int) -> None:
     """Raise what :func:`initialise` would raise for ``layer`` at rank ``r``, without changing anything: LoRA checks
     every target first, since PiSSA and OLoRA write into the base weights and a failure halfway through would
     leave some of them changed."""
-    if not isinstance(init, str) or init == "gaussian":
-        return
+    from .variant_fields import VARIANT_INITS
+
+    if not isinstance(init, str) or init == "gaussian" or init in VARIANT_INITS:
+        return  # a variant's init ("mica") is its variant's to check: unclaimed, LoRA's claim check names it
     if not valid_init(init):
         raise ConfigError(f"init_lora_weights={init!r} is not an initialisation this plugin runs "
                           f"(True, False, 'gaussian', {', '.join(repr(i) for i in INITS)})")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from .functional import lora_linear
-from .variant import LoraVariant
+from .variant import LoraVariant, trained_only, variant_state
 
 __all__ = ["ConvLoraLayer", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLayer", "LoraLinear",
            "ModulePairLayer", "builtin_layer", "new_parameter_kwargs", "supported_base"]
@@ -122,7 +122,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {}  # LoRA keeps no frozen adapter state
+        # plain LoRA keeps none; a variant's frozen tensors (MiCA's B) and module buffers (VeLoRA's projection)
+        return variant_state(self, adapter_name)
 
     def trained_base_parameters(self, adapter_name: str) -> tuple[str, ...]:
         bias = getattr(self.base_layer, "bias", None)
@@ -152,6 +153,8 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout_p[name] = dropout
+        if variant is not None and "init_lora_weights" in getattr(variant, "claims", ()):
+            init = False  # the variant initialises A and B itself (MiCA), from the factories' own draws as in PEFT
         self._create(name, r, init)
         if isinstance(init, str) and init != "gaussian":
             from .init import initialise  # the data-dependent initialisations (PiSSA, OLoRA, ...)
@@ -293,10 +296,10 @@ class ModulePairLayer(LoraLayer):
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         out = {f"lora_A.{adapter_name}.weight": self.lora_A[adapter_name].weight,
                f"lora_B.{adapter_name}.weight": self.lora_B[adapter_name].weight}
-        bias = self.lora_B[adapter_name].bias
+        bias = getattr(self.lora_B[adapter_name], "bias", None)  # a variant's B (BD-LoRA's) may have none
         if isinstance(bias, nn.Parameter):  # lora_bias=True
             out[f"lora_B.{adapter_name}.bias"] = bias
-        return {**out, **self.variant_parameters(adapter_name)}
+        return trained_only(self, adapter_name, {**out, **self.variant_parameters(adapter_name)})
 
     def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
                      one: Any) -> torch.Tensor:
@@ -456,9 +459,10 @@ class LoraEmbedding(LoraLayer):
         del self.lora_embedding_B[name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        return {f"lora_embedding_A.{adapter_name}": self.lora_embedding_A[adapter_name],
-                f"lora_embedding_B.{adapter_name}": self.lora_embedding_B[adapter_name],
-                **self.variant_parameters(adapter_name)}
+        return trained_only(self, adapter_name, {
+            f"lora_embedding_A.{adapter_name}": self.lora_embedding_A[adapter_name],
+            f"lora_embedding_B.{adapter_name}": self.lora_embedding_B[adapter_name],
+            **self.variant_parameters(adapter_name)})
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].float()

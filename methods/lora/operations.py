@@ -13,6 +13,7 @@ from peft_core.errors import AdapterError, ConfigError
 from torch import nn
 
 from .config import LoraConfig
+from .variant_fields import VARIANT_FIELDS, VARIANT_INITS
 
 __all__ = ["add_weighted_adapter"]
 
@@ -41,9 +42,11 @@ def add_weighted_adapter(model: Any, adapters: Sequence[str], weights: Sequence[
         if cfg.target_parameters:  # as PEFT: an expert stack's per-expert factors do not combine like a matrix's
             raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses target_parameters, which it does not "
                                "support (nor does PEFT); combine adapters that target modules only")
-        if cfg.use_dora or cfg.lora_bias:  # a magnitude or a bias does not combine as B A products do
-            raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses "
-                               f"{'use_dora' if cfg.use_dora else 'lora_bias'}=True, which it cannot combine "
+        special = [f for f in (*VARIANT_FIELDS, "lora_bias") if getattr(cfg, f, None)]
+        if cfg.init_lora_weights in VARIANT_INITS:
+            special.append(f"init_lora_weights={cfg.init_lora_weights!r}")
+        if special:  # a variant's tensors (DoRA's magnitude, KaSA's diagonal) or a bias do not combine as B A does
+            raise AdapterError(f"add_weighted_adapter: adapter {name!r} uses {special[0]}, which it cannot combine "
                                "exactly; combine plain LoRA adapters")
         configs.append(cfg)
     if combination_type not in ("cat", "linear"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -24,17 +25,28 @@ from .operations import add_weighted_adapter
 from .parameters import inject_parameters, module_targets, plan_parameters, skip_default_targets
 from .replication import replicate_layers
 from .targeting import DEFAULT_TARGETS, find_targets, rank_and_alpha
-from .variant import LoraVariant
+from .variant import LoraVariant, check_claims
 
 __all__ = ["LoraPlugin", "plugin"]
 
-_PARAM = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
 _DISK_PARAM = re.compile(r"\.(lora_A|lora_B)\.(weight|bias)$")
 _DISK_EMB = re.compile(r"\.(lora_embedding_A|lora_embedding_B)$")
-#: DoRA's magnitude: ``lora_magnitude_vector.<adapter>.weight`` in the model, ``.lora_magnitude_vector`` on disk
-_DISK_MAGNITUDE = re.compile(r"\.(lora_magnitude_vector)$")
 _DORA = Dora()
+
+
+@functools.cache
+def _with_variants(attrs: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    names = "|".join(map(re.escape, ("lora_magnitude_vector", *attrs)))
+    return re.compile(rf"\.(lora_A|lora_B|{names})\.([^.]+)\.(weight|bias)$"), re.compile(rf"\.({names})$")
+
+
+def _variant_keys(model: nn.Module) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The model-key pattern of A, B and the variants' tensors, and the disk-key pattern of the variants' tensors,
+    for the variants in ``model``: a variant module's ``weight`` (DoRA's magnitude, a plugin's KaSA ``lora_diag``)
+    is ``<attr>.<adapter>.weight`` in the model and ``<path>.<attr>`` on disk (PEFT's keys)."""
+    attrs = {v.attr for m in model.modules() if isinstance(m, LoraLayer) for v in m.variants.values()}
+    return _with_variants(tuple(sorted(attrs - {"lora_magnitude_vector"})))
 
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
@@ -173,7 +185,9 @@ class LoraPlugin:
                 raise TargetError(f"lora_bias=True: module {path!r} is a {type(layer).__name__}, whose lora_B cannot "
                                   "carry a bias (an nn.Embedding; PEFT refuses it too): exclude it from "
                                   "target_modules, or train without lora_bias")
-            check_init(layer, config.init_lora_weights, rank_and_alpha(config, path)[0])
+            if "init_lora_weights" not in getattr(variants[path], "claims", ()):  # else the variant initialises
+                check_init(layer, config.init_lora_weights, rank_and_alpha(config, path)[0])
+        check_claims(config, variants)  # a variant field no chosen variant implements: refused, model untouched
         for path, layer in layers.items():
             r, alpha = rank_and_alpha(config, path)
             layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
@@ -196,23 +210,26 @@ class LoraPlugin:
                 and ".modules_to_save." not in n and ".original_module." not in n]
 
     @hookimpl
-    def state_dict_filter(self, adapter_name: str, config: LoraConfig,
+    def state_dict_filter(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                           state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        param_key = _variant_keys(model)[0]
         out: dict[str, torch.Tensor] = {}
         lora_paths = set()
         for key, value in state_dict.items():
             if not key.startswith(MODEL_PREFIX):
                 continue
-            m = _PARAM.search(key) or _EMB.search(key)
+            m = param_key.search(key) or _EMB.search(key)
             if m is None:
                 continue
             if m.group(2) != adapter_name:
                 continue
             stem = key[: m.start()]
             lora_paths.add(stem)
-            # on disk the adapter name is dropped, and so is DoRA's ".weight" (PEFT's historical key)
-            keep_weight = m.re is _PARAM and m.group(1) != "lora_magnitude_vector"
-            suffix = f".{m.group(1)}.{m.group(3)}" if keep_weight else f".{m.group(1)}"
+            # on disk the adapter name is dropped, and so is a variant's ".weight" (DoRA's: PEFT's historical key)
+            keep_suffix = m.re is param_key and m.group(1) in ("lora_A", "lora_B")
+            if m.re is param_key and not keep_suffix and m.group(3) != "weight":
+                continue  # a variant module's tensors other than its weight have no key in PEFT's format
+            suffix = f".{m.group(1)}.{m.group(3)}" if keep_suffix else f".{m.group(1)}"
             out[model_to_disk_key(stem + suffix)] = value
         if config.bias != "none":
             for key, value in state_dict.items():
@@ -226,7 +243,9 @@ class LoraPlugin:
         return out
 
     @hookimpl
-    def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state_dict_load(self, model: nn.Module, adapter_name: str,
+                        state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        disk_variant = _variant_keys(model)[1]  # inject made the adapter's layers: their variants are known
         out: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             model_key = disk_to_model_key(key)
@@ -238,7 +257,7 @@ class LoraPlugin:
                     m = _DISK_EMB.search(model_key)
                     if m is not None:
                         model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}"
-                    m = _DISK_MAGNITUDE.search(model_key)
+                    m = disk_variant.search(model_key)
                     if m is not None:
                         model_key = f"{model_key[: m.start()]}.{m.group(1)}.{adapter_name}.weight"
             if ".modules_to_save." in model_key:
