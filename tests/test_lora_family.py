@@ -599,3 +599,32 @@ def test_exclude_modules_and_patterns_as_regexes_adapt_what_peft_adapts(kw):
 def test_fields_left_out_are_refused_by_name(field, value):
     with pytest.raises(Exception, match=field):
         LoraConfig(target_modules=["q_proj"], **{field: value})
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_scaled_word_embeddings_scale_the_update_as_peft(dora):
+    """BART-style embeddings multiply their output by embed_scale; LoRA's (and DoRA's) update is scaled alike."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    def bart():
+        torch.manual_seed(0)
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            scale_embedding=True)).eval()
+
+    kw = {"target_modules": ["embed_tokens", "q_proj"], "r": 2, "init_lora_weights": False, "use_dora": dora}
+    theirs = peft.get_peft_model(bart(), peft.LoraConfig(**kw))
+    ours = get_peft_model(bart(), LoraConfig(**kw))
+    copy_adapter_weights(theirs, ours)
+    emb = ours.get_base_model().model.encoder.embed_tokens
+    assert float(emb.base_layer.embed_scale) == 4.0  # sqrt(d_model): the case is live
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "decoder_input_ids": ids}
+    expected = _out(theirs, x)
+    assert _diff(_out(ours, x), expected) <= TOL
+    # BART ties its embeddings (shared, encoder/decoder tables, lm_head): merging into one would change the others
+    # (PEFT merges, and its merged model differs from its unmerged one); refused, nothing folded
+    with pytest.raises(MergeError, match="tied to"):
+        ours.merge_adapter()
+    assert _diff(_out(ours, x), expected) <= TOL

@@ -474,11 +474,23 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
+    def _embed_scale(self) -> float | torch.Tensor:
+        """A scaled embedding's factor (BART's, Gemma's ``embed_scale``, applied by its forward to every row), so
+        the update is scaled like the base output, as in PEFT; 1 for a plain embedding."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            return float(scale)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        return 1.0
+
     def _one(self, ids: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         a = self.lora_embedding_A[name]
         b = self.lora_embedding_B[name]
         after_a = self._embed(ids, a.t())
-        return (after_a @ b.t()).to(dtype) * self.scaling[name]
+        scale = self._embed_scale()
+        scale = scale.to(dtype) if isinstance(scale, torch.Tensor) else scale
+        return (after_a @ b.t()).to(dtype) * self.scaling[name] * scale
 
     def _apply(self, ids: torch.Tensor, name: str, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         variant = self.variants.get(name)
@@ -519,7 +531,9 @@ class LoraEmbedding(LoraLayer):
 
     def dora_update(self, ids: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return out + (self._embed(ids, a.t()) @ b.t()).to(out.dtype) * self.scaling[name]
+        scale = self._embed_scale()  # the base output is scaled (scaled embeddings): so is the update
+        scale = scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale
+        return out + (self._embed(ids, a.t()) @ b.t()).to(out.dtype) * (self.scaling[name] * scale)
 
     def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
         return rows

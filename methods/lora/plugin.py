@@ -49,6 +49,26 @@ def _variant_keys(model: nn.Module) -> tuple[re.Pattern[str], re.Pattern[str]]:
     return _with_variants(tuple(sorted(attrs - {"lora_magnitude_vector"})))
 
 
+def _refuse_tied_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]], adapter_name: str) -> None:
+    """MergeError, before anything is folded, when a layer's base weight is also another module's (tied
+    embeddings: BART's shared/encoder/decoder tables and lm_head, GPT-2's wte and lm_head): folding the update
+    into it would change those modules too (or fold it twice), so merged would not equal unmerged."""
+    holders: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoraLayer):
+            continue
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(path)
+    for path, layer in layers:
+        for p in layer.base_layer._parameters.values():
+            if p is not None and len(set(holders.get(id(p), ()))) > 1:
+                others = sorted(set(holders[id(p)]) - {f"{path}.base_layer"})
+                raise MergeError(f"adapter {adapter_name!r} cannot be merged: {path!r}'s base weight is tied to "
+                                 f"{', '.join(repr(o) for o in others[:3])}, so a merge would change those too; keep "
+                                 "it unmerged (or untie the weights first)")
+
+
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
 
@@ -285,6 +305,7 @@ class LoraPlugin:
                              "weights, so a merge into one would reach every copy (PEFT refuses too); keep it unmerged")
         token_sources = tokens.check_token_merge(model, adapter_name, safe)  # raises before anything is folded
         layers = _layers(model, adapter_name)
+        _refuse_tied_merge(model, layers, adapter_name)
         if safe:  # check everything before folding anything
             for path, layer in layers:
                 check_finite(layer.merged_weight(adapter_name), adapter_name, path)
