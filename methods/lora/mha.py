@@ -27,7 +27,6 @@ initialisations (PiSSA, OLoRA, orthogonal).
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from peft_core.runtime import AdapterRuntime
 from torch import nn
 
 from .layers import LoraLinear, ModulePairLayer, new_parameter_kwargs
+from .swap import SwapLock
 from .variant import LoraVariant
 
 __all__ = ["LoraMultiheadAttention", "LoraOutProj", "check_attention_targets"]
@@ -103,7 +103,7 @@ class LoraMultiheadAttention(ModulePairLayer):
                               f"{type(base_layer.out_proj).__name__}")
         super().__init__(base_layer, runtime)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._swap_lock = threading.RLock()  # see forward
+        self._swap_lock = SwapLock()  # see forward
 
     # ---- the out_proj layer (made when the first adapter is added: making a layer must not change the model)
     def _out_layer(self) -> LoraOutProj | None:
@@ -257,16 +257,6 @@ class LoraMultiheadAttention(ModulePairLayer):
 
     def merge_masks(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_layer.merge_masks(*args, **kwargs)
-
-    # a lock cannot be copied or pickled: copies (copy.deepcopy(model), torch.save) get their own
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_swap_lock", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._swap_lock = threading.RLock()
 
 
 def check_attention_targets(model: nn.Module, targets: Sequence[str], dropout: float) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .layers import ModulePairLayer, new_parameter_kwargs
+from .swap import SwapLock
 from .targeting import find_targets, rank_and_alpha
 
 __all__ = ["LoraParameter", "ParameterTarget", "inject_parameters", "module_targets", "plan_parameters",
@@ -74,7 +74,7 @@ class LoraParameter(ModulePairLayer):
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime, parameter_name: str) -> None:
         super().__init__(base_layer, runtime)
         self.parameter_name = parameter_name
-        self._swap_lock = threading.RLock()  # see forward
+        self._swap_lock = SwapLock()  # see forward
         shape = tuple(self.parameter.shape)
         if len(shape) == 2:
             self.num_experts, self.out_features, self.in_features = 1, shape[0], shape[1]
@@ -182,16 +182,6 @@ class LoraParameter(ModulePairLayer):
         with self._swap_lock:
             return torch.func.functional_call(self.base_layer, {self._relative_name(): self.adapted(names)},
                                               args, kwargs)
-
-    # a lock cannot be copied or pickled: copies (copy.deepcopy(model), torch.save) get their own
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_swap_lock", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._swap_lock = threading.RLock()
 
     def merged_weight(self, name: str) -> torch.Tensor:
         p = self.parameter
