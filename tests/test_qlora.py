@@ -21,6 +21,7 @@ from peft_core import (
     get_registry,
     prepare_model_for_kbit_training,
 )
+from safetensors.torch import load_file
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -307,3 +308,42 @@ def test_without_the_extension_a_quantized_layer_says_what_to_install(saved, mon
     finally:
         monkeypatch.delenv("PEFT_CORE_PLUGINS")
         reset_registry()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dora_on_a_quantized_base_matches_peft_and_merges(saved, kind, tmp_path):
+    """QDoRA: the magnitude and norms come from the dequantized weight, as in PEFT.
+
+    int8: equal to PEFT. nf4: PEFT is no oracle on a CPU. After the first forward without grad, bitsandbytes'
+    CPU path stores the 4-bit scales in bf16, and PEFT's DoRA then dequantizes a weight 0.13 away from the one
+    the kernel uses. So each layer is checked against the formula on the dequantized weight instead."""
+    torch.manual_seed(0)  # the adapter's draws, whatever ran before in this process
+    # a trained-sized update (scaling 1/8), as in the plain merge test: requantising rounds it like any weight
+    ours, theirs = pair(saved, "llama", kind, use_dora=True, lora_alpha=0.5)
+    assert any("lora_magnitude_vector" in n for n, _ in ours.named_parameters())
+    x = model_inputs("llama")
+    expected = logits(theirs, x) if kind == "int8" else logits(ours, x)
+    if kind == "int8":
+        assert (logits(ours, x) - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+    else:
+        layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+        h = torch.randn(2, 3, layer.in_features)
+        with torch.no_grad():
+            w, a, b = layer.dense_weight(), layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            s = layer.scaling["default"]
+            f = layer.lora_magnitude_vector["default"].weight / (w + s * b @ a).norm(dim=1)
+            by_hand = f * (layer.base_layer(h) + s * (h @ a.t() @ b.t()))
+            assert (layer(h) - by_hand).abs().max() <= 1e-5
+    unmerged = logits(ours, x)
+    before = quantized_bytes(ours)
+    ours.merge_adapter()
+    # requantized after the merge, as in PEFT: within quantization error of the unmerged output
+    assert (logits(ours, x) - unmerged).abs().max() <= 0.1 * max(1.0, unmerged.abs().max().item())
+    ours.unmerge_adapter()
+    assert quantized_bytes(ours) == before
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == load_file(
+        tmp_path / "theirs" / "adapter_model.safetensors").keys()
+    reloaded = PeftModel.from_pretrained(load(saved, "llama", kind), tmp_path / "ours")
+    assert (logits(reloaded, x) - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())

@@ -86,14 +86,19 @@ def _row_norms(layer: LoraLayer, name: str) -> torch.Tensor:
     w, b, a = layer.dora_rows(name)  # type: ignore[attr-defined]
     s = layer.scaling[name]
     with torch.no_grad():
-        key = (w.data_ptr(), layer.base_layer.weight._version, tuple(w.shape), w.dtype)
-        memo = layer.__dict__.get("_dora_w2")
-        if memo is None or memo[0] != key:  # ||W_i||^2 changes only with the base weight
-            memo = (key, w.float().pow(2).sum(1))
-            layer.__dict__["_dora_w2"] = memo
+        if layer.plain_weight:  # w is a view of the base weight: ||W_i||^2 changes only with it
+            base = layer.base_layer.weight
+            key = (base.data_ptr(), base._version, tuple(w.shape), w.dtype)
+            memo = layer.__dict__.get("_dora_w2")
+            if memo is None or memo[0] != key:
+                memo = (key, w.float().pow(2).sum(1))
+                layer.__dict__["_dora_w2"] = memo
+            w2 = memo[1]
+        else:  # a dequantized copy, made afresh (its quantization state may change under it): no memo
+            w2 = w.float().pow(2).sum(1)
         # W A^T in the weight's dtype (a half-precision W is not copied to fp32 in every forward)
         wa = (w @ a.t().to(w.dtype)).float()  # rows x r
-        n2 = memo[1] + (2 * s) * (b * wa).sum(1) + (s * s) * ((b @ (a @ a.t())) * b).sum(1)
+        n2 = w2 + (2 * s) * (b * wa).sum(1) + (s * s) * ((b @ (a @ a.t())) * b).sum(1)
         return n2.clamp_min(0).sqrt()
 
 

@@ -88,6 +88,12 @@ class LoraLayer(nn.Module):
     #: weight-reading initialisations (PiSSA, OLoRA) read and write; a layer over a packed or quantized weight
     #: sets False, and those features then refuse it with a TargetError instead of reading the packed bits.
     plain_weight = True
+    #: DoRA may run on this layer (it implements ``peft_lora.dora.DoraLayout`` for its weight format): by default
+    #: where the weight is plain; a quantized layer that reads its weight dequantized sets True.
+    @property
+    def supports_dora(self) -> bool:
+        return self.plain_weight
+
     #: lora_B can carry a bias (``lora_bias=True``); embeddings cannot (their A and B are bare parameters).
     supports_lora_bias = True
 

@@ -129,10 +129,9 @@ class LoraPlugin:
     def lora_variant(self, config: LoraConfig, layer: LoraLayer, path: str) -> LoraVariant | None:
         if not config.use_dora:
             return None
-        if not layer.plain_weight or not all(callable(getattr(layer, m, None)) for m in DORA_LAYOUT):
-            why = ("its base weight is packed/quantized (plain_weight=False): DoRA on quantized layers is not "
-                   "implemented by peft-core" if not layer.plain_weight
-                   else "it does not implement peft_lora.dora.DoraLayout")
+        if not layer.supports_dora or not all(callable(getattr(layer, m, None)) for m in DORA_LAYOUT):
+            why = ("its base weight is packed/quantized and the layer does not say it supports DoRA"
+                   if not layer.supports_dora else "it does not implement peft_lora.dora.DoraLayout")
             raise TargetError(f"use_dora=True: module {path!r} is a {type(layer).__name__}, which has no DoRA ({why}); "
                               "exclude it with exclude_modules or train it without DoRA")
         if getattr(layer.base_layer, "groups", 1) != 1:

@@ -29,7 +29,9 @@ class QuantizedLoraLinear(LoraLinear):
     weight to fp32 (``dense_weight``) and how to quantise a dense weight into the base layer (``requantize``)."""
 
     inplace_output = False  # a quantized kernel's output is not ours to overwrite
-    plain_weight = False  # packed bits: DoRA and PiSSA/OLoRA must not read base_layer.weight as floats
+    plain_weight = False  # packed bits: PiSSA/OLoRA must not read base_layer.weight as floats
+    #: DoRA reads the weight through dense_weight() below (peft_lora.dora.DoraLayout), as PEFT dequantizes it
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         # the packed weight's shape is not (out, in): take the sizes from the layer
@@ -43,6 +45,19 @@ class QuantizedLoraLinear(LoraLinear):
         kw = {"device": self.base_layer.weight.device, "dtype": torch.float32}
         self._store(name, nn.Linear(self.in_features, r, bias=False, **kw),
                     nn.Linear(r, self.out_features, bias=self.lora_bias.get(name, False), **kw), r, init)
+
+    # ---- DoRA's view (peft_lora.dora.DoraLayout): the dequantized weight, rows are the output features
+    def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.dense_weight(), self.lora_B[name].weight.detach().float(),
+                self.lora_A[name].weight.detach().float())
+
+    def dora_base(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dense_weight().to(x.dtype))
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        if name in self.variants:
+            return super().merged_weight(name)
+        return self.dense_weight() + self.delta_weight(name).to(self.base_layer.weight.device)
 
     # ---- what each quantized kind provides
     def dense_weight(self) -> torch.Tensor:
@@ -62,7 +77,7 @@ class QuantizedLoraLinear(LoraLinear):
                              "layer; keep it unmerged")
         self._generation += 1
         original = self.base_layer.weight
-        merged = self.dense_weight() + self.delta_weight(name).to(original.device)
+        merged = self.merged_weight(name)  # dense + B A, or the variant's (DoRA's) merged weight
         if safe:
             check_finite(merged, name)
         saved = self._saved_state()
