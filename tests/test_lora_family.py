@@ -13,6 +13,7 @@ from conftest import MODELS, copy_adapter_weights, model_inputs
 from peft_core import LoraConfig, MergeError, PeftModel, TargetError, get_peft_model, get_registry, hookimpl
 from safetensors.torch import load_file
 from torch import nn
+from toy_plugin import ToyGateVariant
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
 TOL = 1e-5
@@ -350,29 +351,10 @@ def test_init_distributions_per_layer_type_match_peft(kind, init):
 
 
 # ---------------------------------------------------------------- a third party's variant through lora_variant
-class _Doubled:
-    """A toy variant: the update counts twice. Enough to see the hook used for forward, merge and parameters."""
-
-    attr = "toy_gate"
-
-    def create(self, layer, name):
-        m = nn.Module()
-        m.weight = nn.Parameter(torch.full((1,), 2.0))
-        return m
-
-    def forward(self, layer, name, x, result, base, p):
-        gate = getattr(layer, self.attr)[name].weight
-        return result + gate * layer.dora_lora(x, name) * layer.scaling[name]
-
-    def merged_weight(self, layer, name):
-        gate = float(getattr(layer, self.attr)[name].weight)
-        return layer.base_layer.weight.detach().float() + gate * layer.delta_weight(name)
-
-
 class _ToyVariantPlugin:
     @hookimpl
     def lora_variant(self, config, layer, path):
-        return _Doubled() if config.lora_alpha == 3 else None
+        return ToyGateVariant() if config.lora_alpha == 3 else None
 
 
 def test_a_third_party_variant_is_used_for_forward_merge_and_parameters():
@@ -389,7 +371,7 @@ def test_a_third_party_variant_is_used_for_forward_merge_and_parameters():
         layer.variants.pop("default")
         plain = _out(model, x)
         layer.scaling["default"] /= 2
-        layer.variants["default"] = _Doubled()
+        layer.variants["default"] = ToyGateVariant()
     assert _diff(got, plain) <= TOL
     model.merge_adapter()
     assert _diff(_out(model, x), got) <= TOL * 10

@@ -15,7 +15,7 @@ from conftest import MODELS, model_inputs
 from peft_core import ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model, get_registry, hookimpl
 from peft_lora_variants import kasa_loss
 from safetensors.torch import load_file, save_file
-from torch import nn
+from toy_plugin import ToyGateVariant
 
 TOL = 1e-5
 LLAMA = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -335,24 +335,10 @@ def test_kasa_on_a_tied_weight_is_refused_and_undone():
 def test_lora_saves_any_variant_s_tensor_under_peft_s_convention(tmp_path):
     """A third party's variant whose module holds a ``weight`` has it saved as ``<path>.<attr>`` and loaded back,
     as DoRA's magnitude and KaSA's ``lora_diag`` are (LoRA's save knows no variant by name)."""
-    class Gate:
-        attr = "toy_gate"
-
-        def create(self, layer, name):
-            m = nn.Module()
-            m.weight = nn.Parameter(torch.full((1,), 2.0))
-            return m
-
-        def forward(self, layer, name, x, result, base, p):
-            return result + getattr(layer, self.attr)[name].weight * layer.dora_lora(x, name) * layer.scaling[name]
-
-        def merged_weight(self, layer, name):
-            return layer.base_layer.weight.detach().float() + layer.delta_weight(name)
-
     class GatePlugin:
         @hookimpl
         def lora_variant(self, config):
-            return Gate() if config.lora_alpha == 3 else None
+            return ToyGateVariant() if config.lora_alpha == 3 else None
 
     with get_registry().plugin(GatePlugin(), name="toy_gate"):
         kw = {"target_modules": ["q_proj"], "lora_alpha": 3, "init_lora_weights": False}

@@ -157,3 +157,25 @@ class ToyPlugin:
             inputs["inputs_embeds"] = model.get_input_embeddings()(ids)
         inputs["inputs_embeds"] = inputs["inputs_embeds"] + store[adapter_name]["shift"]
         return inputs
+
+
+class ToyGateVariant:
+    """A third party's LoRA variant (``peft_lora.variant.LoraVariant``): a trained gate on the update, started at 2,
+    so the update counts twice. Built only on a layer's public A, B and scaling, as an outside plugin would be."""
+
+    attr = "toy_gate"
+
+    def create(self, layer: Any, name: str) -> nn.Module:
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.full((1,), 2.0))
+        return m
+
+    def forward(self, layer: Any, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor,
+                p: float) -> torch.Tensor:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+        return result + getattr(layer, self.attr)[name].weight * update * layer.scaling[name]
+
+    def merged_weight(self, layer: Any, name: str) -> torch.Tensor:
+        gate = float(getattr(layer, self.attr)[name].weight)
+        return layer.base_layer.weight.detach().float() + gate * layer.delta_weight(name)

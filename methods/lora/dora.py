@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from peft_core.amp import autocast_dtype, autocast_off
 from torch import nn
 
+from .layers import new_parameter_kwargs
+
 if TYPE_CHECKING:
     from .layers import LoraLayer
 
@@ -113,7 +115,7 @@ class Dora:
     def create(self, layer: LoraLayer, name: str) -> nn.Module:
         """The magnitude for a new adapter: the current row norms of ``W + s B A``."""
         weight = layer.base_layer.weight
-        kw = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        kw = new_parameter_kwargs(weight)
         if weight.is_meta:
             rows = layer.dora_rows(name)[0].shape[0]  # type: ignore[attr-defined]
             return Magnitude(layer.dora_shape(torch.empty(rows, device="meta", dtype=kw["dtype"])))  # type: ignore[attr-defined]

@@ -85,16 +85,12 @@ def initialise(layer: LoraLayer, name: str, init: str) -> None:
     """Set adapter ``name``'s A and B on ``layer`` (and, for PiSSA/OLoRA, the residual base weight)."""
     if layer.base_layer.weight.is_meta:
         return  # low_cpu_mem_usage: the weights come from a file
-    if not valid_init(init):
-        raise ConfigError(f"init_lora_weights={init!r} is not an initialisation this plugin runs "
-                          f"(True, False, 'gaussian', {', '.join(repr(i) for i in INITS)})")
-    w, transposed = _linear_weight(layer, init)
     r, s = layer.r[name], layer.scaling[name]
+    check(layer, init, r)  # LoRA's inject ran it for every target already; direct callers get the same errors
+    w, transposed = _linear_weight(layer, init)
     w32 = w.detach().float()
     w32 = w32.t() if transposed else w32  # (out, in)
     if init == "orthogonal":
-        if r % 2:
-            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
         # the draws in PEFT's order, so a seeded run starts from the same A and B
         q, _ = torch.linalg.qr(torch.randn(r, r))
         a = torch.randn(w32.shape[1], r // 2).mm(q[0::2, :]).T / 10.0

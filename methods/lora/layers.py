@@ -193,12 +193,19 @@ class LoraLayer(nn.Module):
         module = getattr(self, variant.attr)[name]
         return {f"{variant.attr}.{name}.{k}": v for k, v in module.named_parameters()}
 
+    @property
+    def merge_target(self) -> torch.Tensor:
+        """The tensor merging folds this layer's update into: the base weight. A layer that adapts another tensor
+        (an ``nn.Parameter`` of its module, an attention's ``in_proj_weight``) names it here, and merge, unmerge
+        and ``merged_weight`` follow."""
+        return self.base_layer.weight
+
     def merged_weight(self, name: str) -> torch.Tensor:
-        """The base weight with ``name`` folded in (fp32): what merging writes."""
+        """The merge target with ``name`` folded in (fp32): what merging writes."""
         variant = self.variants.get(name)
         if variant is not None:
             return variant.merged_weight(self, name)
-        w = self.base_layer.weight
+        w = self.merge_target
         return w.detach().float() + self.delta_weight(name).to(w.device)
 
     def _live(self) -> tuple[str, ...]:
@@ -215,12 +222,29 @@ class LoraLayer(nn.Module):
         self.__dict__["_live_memo"] = (key, live)
         return live
 
+    def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
+                     one: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+        """A mixed batch group by group (the generic route, for layers or adapters without a batched one):
+        ``one(rows_x, rows_result, adapter)`` returns those rows' output with the adapter applied, where
+        ``rows_result`` is their base output. Rows of ``__base__`` and of adapters this layer lacks keep it."""
+        if len(routing.names) != x.shape[0]:
+            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
+                               f"{x.shape[0]} rows")
+        out = result
+        for name in dict.fromkeys(routing.names):
+            if name not in self.r:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
+            new = one(x.index_select(0, rows), result.index_select(0, rows), name)
+            out = out.index_copy(0, rows, new.to(out.dtype))
+        return out
+
     # ---- merging
     def merge(self, name: str, safe: bool) -> None:
         if name not in self.r or name in self._restore:
             return
         self._generation += 1
-        weight = self.base_layer.weight
+        weight = self.merge_target
         base_bias = self._base_bias(name) if self.lora_bias.get(name) else None  # refuse before changing anything
         with torch.no_grad():
             variant = self.variants.get(name)
@@ -241,7 +265,7 @@ class LoraLayer(nn.Module):
         self._generation += 1
         token = self._restore.pop(name, None)
         if token is not None:
-            restore_exactly(self.base_layer.weight, token)
+            restore_exactly(self.merge_target, token)
         token = self._restore_bias.pop(name, None)
         if token is not None:
             restore_exactly(self.base_layer.bias, token)
@@ -306,22 +330,6 @@ class ModulePairLayer(LoraLayer):
         if isinstance(bias, nn.Parameter):  # lora_bias=True
             out[f"lora_B.{adapter_name}.bias"] = bias
         return trained_only(self, adapter_name, {**out, **self.variant_parameters(adapter_name)})
-
-    def _routed_rows(self, x: torch.Tensor, routing: Routing, result: torch.Tensor,
-                     one: Any) -> torch.Tensor:
-        """A mixed batch through ``one(rows_x, adapter) -> delta``, group by group (the generic route, for
-        layers without a batched one)."""
-        if len(routing.names) != x.shape[0]:
-            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
-                               f"{x.shape[0]} rows")
-        out = result
-        for name in dict.fromkeys(routing.names):
-            if name not in self.r:
-                continue  # __base__ rows, and adapters this layer does not hold
-            rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
-            delta = one(x.index_select(0, rows), name).to(result.dtype)
-            out = out.index_add(0, rows, delta)
-        return out
 
 
 class LoraLinear(ModulePairLayer):
@@ -388,24 +396,14 @@ class LoraLinear(ModulePairLayer):
         result = self.base_layer(x, *args, **kwargs)
         if not any(n in self.variants or self.lora_bias.get(n) for n in routing.names):
             return mixed_linear(self, x, routing, result)
-        if len(routing.names) != x.shape[0]:
-            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
-                               f"{x.shape[0]} rows")
-        out = result
-        for name in dict.fromkeys(routing.names):
-            if name not in self.r:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(routing.names) if n == name], device=x.device)
-            xr, rr = x.index_select(0, rows), result.index_select(0, rows)
-            variant = self.variants.get(name)
-            if variant is not None:
-                new = variant.forward(self, name, xr, rr, rr, 0.0)  # the rows' output is their base output
-            else:
-                new = lora_linear(rr, xr, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-                if self.lora_bias[name]:
-                    new = new + self._scaled_bias(name, new.dtype)
-            out = out.index_copy(0, rows, new.to(out.dtype))
-        return out
+        return self._routed_rows(x, routing, result, self._routed_one)
+
+    def _routed_one(self, x: torch.Tensor, base: torch.Tensor, name: str) -> torch.Tensor:
+        variant = self.variants.get(name)
+        if variant is not None:
+            return variant.forward(self, name, x, base, base, 0.0)
+        new = lora_linear(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return new + self._scaled_bias(name, new.dtype) if self.lora_bias[name] else new
 
     # ---- DoRA's view of this layer (peft_lora.dora.DoraLayout): rows are the output features
     def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -424,10 +422,6 @@ class LoraLinear(ModulePairLayer):
     def dora_update(self, x: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
         return lora_linear(out, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
-    def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``B A x`` (unscaled)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
     def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
@@ -509,17 +503,7 @@ class LoraEmbedding(LoraLayer):
         base = result
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
-            if len(routing.names) != ids.shape[0]:
-                raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has "
-                                   f"{ids.shape[0]} rows")
-            out = result.clone()
-            for name in dict.fromkeys(routing.names):
-                if name not in self.r:
-                    continue
-                rows = [i for i, n in enumerate(routing.names) if n == name]
-                own = result[rows]  # these rows' base output
-                out[rows] = self._apply(ids[rows], name, own, own)
-            return out
+            return self._routed_rows(ids, routing, result, lambda i, own, name: self._apply(i, name, own, own))
         for name in self._live():
             result = self._apply(ids, name, result, base)
         return result
@@ -610,8 +594,7 @@ class ConvLoraLayer(ModulePairLayer):
                 layout = _CONV_LAYOUT.get(self.base_layer.weight.dim(), "(batch, channels, ...)")
                 raise AdapterError(f"adapter_names=[...] needs a batched {layout} input for {type(self).__name__}, "
                                    f"got shape {tuple(x.shape)}; add a batch dimension")
-            return self._routed_rows(x, routing, result,
-                                     lambda rows, name: self._routed_delta(rows, name, result.dtype))
+            return self._routed_rows(x, routing, result, self._routed_one)
         training = self.training
         variants = self.variants
         base = result
@@ -624,12 +607,11 @@ class ConvLoraLayer(ModulePairLayer):
                 result = result + self._delta(x, name, p, result.dtype)
         return result
 
-    def _routed_delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def _routed_one(self, x: torch.Tensor, base: torch.Tensor, name: str) -> torch.Tensor:
         variant = self.variants.get(name)
         if variant is None:
-            return self._delta(x, name, 0.0, dtype)
-        own = self.base_layer(x).to(dtype)  # the rows' own base output, which the variant rescales
-        return variant.forward(self, name, x, own, own, 0.0) - own
+            return base + self._delta(x, name, 0.0, base.dtype)
+        return variant.forward(self, name, x, base, base, 0.0)
 
     # ---- DoRA's view (peft_lora.dora.DoraLayout): rows are the output channels
     def dora_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -647,10 +629,6 @@ class ConvLoraLayer(ModulePairLayer):
     def dora_update(self, x: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
         return out + self._delta(x, name, 0.0, out.dtype)
 
-    def dora_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``B A x`` (unscaled)."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(x.to(a.weight.dtype)))
 
     def dora_shape(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.reshape(1, -1, *(1,) * (self.base_layer.weight.dim() - 2))

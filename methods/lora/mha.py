@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from peft_core.errors import AdapterError, TargetError
-from peft_core.merging import added_exactly, restore_exactly
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
@@ -178,23 +177,9 @@ class LoraMultiheadAttention(ModulePairLayer):
         return result
 
     # ---- merging: into in_proj_weight (out_proj's layer merges its own weight)
-    def merged_weight(self, name: str) -> torch.Tensor:
-        w = self.base_layer.in_proj_weight
-        return w.detach().float() + self.delta_weight(name).to(w.device)
-
-    def merge(self, name: str, safe: bool) -> None:
-        if name not in self.r or name in self._restore:
-            return
-        self._generation += 1
-        with torch.no_grad():
-            self._restore[name] = added_exactly(self.base_layer.in_proj_weight, self.delta_weight(name), safe=safe,
-                                                adapter_name=name)
-
-    def unmerge(self, name: str) -> None:
-        self._generation += 1
-        token = self._restore.pop(name, None)
-        if token is not None:
-            restore_exactly(self.base_layer.in_proj_weight, token)
+    @property
+    def merge_target(self) -> torch.Tensor:
+        return self.base_layer.in_proj_weight
 
     # ---- reads like the attention it wraps
     @property

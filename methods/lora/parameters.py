@@ -35,7 +35,6 @@ import attrs
 import torch
 from peft_core.errors import AdapterError, TargetError
 from peft_core.layers import is_adapter_layer
-from peft_core.merging import added_exactly, restore_exactly
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 from torch.nn.utils import parametrize
@@ -183,24 +182,10 @@ class LoraParameter(ModulePairLayer):
             return torch.func.functional_call(self.base_layer, {self._relative_name(): self.adapted(names)},
                                               args, kwargs)
 
-    def merged_weight(self, name: str) -> torch.Tensor:
-        p = self.parameter
-        return p.detach().float() + self.delta_weight(name).to(p.device)
-
     # ---- merging: into the targeted parameter, not base_layer.weight
-    def merge(self, name: str, safe: bool) -> None:
-        if name not in self.r or name in self._restore:
-            return
-        self._generation += 1
-        with torch.no_grad():
-            self._restore[name] = added_exactly(self.parameter, self.delta_weight(name), safe=safe,
-                                                adapter_name=name)
-
-    def unmerge(self, name: str) -> None:
-        self._generation += 1
-        token = self._restore.pop(name, None)
-        if token is not None:
-            restore_exactly(self.parameter, token)
+    @property
+    def merge_target(self) -> torch.Tensor:
+        return self.parameter
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, {super().extra_repr()}"

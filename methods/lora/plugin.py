@@ -61,7 +61,10 @@ def _refuse_tied_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]], ad
             if p is not None:
                 holders.setdefault(id(p), []).append(path)
     for path, layer in layers:
-        for p in layer.base_layer._parameters.values():
+        folded = [layer.merge_target]
+        if layer.lora_bias.get(adapter_name):
+            folded.append(layer.base_layer.bias)
+        for p in folded:
             if p is not None and len(set(holders.get(id(p), ()))) > 1:
                 others = sorted(set(holders[id(p)]) - {f"{path}.base_layer"})
                 raise MergeError(f"adapter {adapter_name!r} cannot be merged: {path!r}'s base weight is tied to "
