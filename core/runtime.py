@@ -9,11 +9,14 @@ a walk over the model.
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["BASE_ROW", "AdapterRuntime", "Routing"]
+
+_COUNT_LOCK = threading.Lock()
 
 #: The row name that means "no adapter" in mixed-batch inference (``adapter_names=[...]``).
 BASE_ROW = "__base__"
@@ -41,24 +44,34 @@ class AdapterRuntime:
     calls with different ``adapter_names`` in different threads do not see each other's rows.
     """
 
-    __slots__ = ("_routing", "active", "disabled")
+    __slots__ = ("_routed_calls", "_routing", "active", "disabled")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.disabled: bool = False
         self._routing: contextvars.ContextVar[Routing | None] = contextvars.ContextVar(
             "peft_core_routing", default=None)
+        # How many routed calls are in flight, in any thread. While it is 0 no ContextVar is read: the
+        # common path then stays a plain attribute read, which torch.compile (Dynamo) traces without a
+        # graph break; it cannot trace ContextVar.get.
+        self._routed_calls = 0
 
     def routing(self) -> Routing | None:
         """The per-row routing of the forward call in progress, or None (all rows use ``active``)."""
+        if not self._routed_calls:
+            return None
         return self._routing.get()
 
     @contextmanager
     def route(self, names: Sequence[str]) -> Iterator[Routing]:
         token = self._routing.set(Routing(names))
+        with _COUNT_LOCK:  # `+= 1` is not atomic across threads; a lost update could hide a routing
+            self._routed_calls += 1
         try:
             yield self._routing.get()  # type: ignore[misc]
         finally:
+            with _COUNT_LOCK:
+                self._routed_calls -= 1
             self._routing.reset(token)
 
     # ContextVars are neither picklable nor deep-copyable; a copy gets a fresh one (no call in flight).
