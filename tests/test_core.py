@@ -486,7 +486,7 @@ def test_plugins_import_only_the_documented_api():
     api_doc = (ROOT / "docs" / "api.md").read_text()
     for mod in peft_core.SUPPORT_MODULES:
         assert f"peft_core.{mod}" in api_doc, f"docs/api.md does not document peft_core.{mod}"
-    plugin_packages = {"peft_lora", "peft_prompt_tuning", "peft_prefix", "peft_ia3", "peft_lora_conv1d"}
+    plugin_packages = {"peft_lora", "peft_prompt_tuning", "peft_prefix", "peft_ia3", "peft_road", "peft_lora_conv1d"}
     checked = 0
     for path in _plugin_sources():
         own = path.relative_to(ROOT).parts
