@@ -486,11 +486,13 @@ def test_plugins_import_only_the_documented_api():
     api_doc = (ROOT / "docs" / "api.md").read_text()
     for mod in peft_core.SUPPORT_MODULES:
         assert f"peft_core.{mod}" in api_doc, f"docs/api.md does not document peft_core.{mod}"
-    plugin_packages = {"peft_lora", "peft_prompt_tuning", "peft_prefix", "peft_ia3", "peft_road", "peft_lora_conv1d"}
+    plugin_packages = {"peft_lora", "peft_prompt_tuning", "peft_prefix", "peft_p_tuning", "peft_ia3", "peft_road",
+                       "peft_lora_conv1d"}
     checked = 0
     for path in _plugin_sources():
         own = path.relative_to(ROOT).parts
-        own_package = {"lora": "peft_lora", "prompt_tuning": "peft_prompt_tuning", "prefix": "peft_prefix"}.get(
+        own_package = {"lora": "peft_lora", "prompt_tuning": "peft_prompt_tuning", "prefix": "peft_prefix",
+                       "p_tuning": "peft_p_tuning"}.get(
             own[1]) if own[0] == "methods" else next((p for p in own if p.startswith("peft_")), None)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

@@ -3,6 +3,6 @@ prompt_tuning``)."""
 
 from .config import PromptTuningConfig, PromptTuningInit
 from .embedding import PromptEmbedding
-from .plugin import PromptTuningPlugin, plugin
+from .plugin import PromptTuningPlugin, attach_prompt, plugin
 
-__all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit", "PromptTuningPlugin", "plugin"]
+__all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit", "PromptTuningPlugin", "attach_prompt", "plugin"]

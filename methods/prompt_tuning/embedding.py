@@ -45,12 +45,20 @@ class PromptEmbedding(nn.Module):
         # path): id(inputs_embeds of that call) -> (weak reference to that tensor, logits)
         self._pending: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
+    def prompt(self) -> torch.Tensor:
+        """The ``(num_virtual_tokens, token_dim)`` block that goes in front of the input, in the adapter's dtype.
+
+        Subclasses that compute the prompt (P-tuning's encoder) override this; every path of this plugin
+        (plain, encoder hook, shared-prompt) reads the prompt only through it, once per forward.
+        """
+        return self.embedding.weight[: self.num_virtual_tokens]
+
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """``embeds`` (batch, length, dim) with the virtual tokens in front, in ``embeds``' dtype.
 
         One (n, dim) block expanded over the batch: no per-row copy of the prompt before the concatenation.
         """
-        prompt = self.embedding.weight[: self.num_virtual_tokens].to(embeds.dtype)
+        prompt = self.prompt().to(embeds.dtype)
         return torch.cat([prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)
 
     # ------------------------------------------------------------------ encoder-decoder models

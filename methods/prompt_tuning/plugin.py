@@ -43,7 +43,7 @@ from torch import nn
 from .config import PromptTuningConfig
 from .embedding import OWN_CACHE, PromptEmbedding, initial_token_ids
 
-__all__ = ["DISK_KEY", "PromptTuningPlugin", "plugin"]
+__all__ = ["DISK_KEY", "PromptTuningPlugin", "attach_prompt", "plugin"]
 
 #: The tensor's name in Hugging Face PEFT's adapter file.
 DISK_KEY = "prompt_embeddings"
@@ -73,6 +73,16 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _key(adapter_name: str) -> str:
     return f"{STORE_PREFIX}{adapter_name}.embedding.weight"
+
+
+def attach_prompt(model: nn.Module, module: PromptEmbedding) -> None:
+    """Install ``module``'s hooks on ``model``: the encoder pre-hook of encoder-decoder models, or the output
+    hook of the shared-prompt path where the model can take it. For subclasses of :class:`PromptEmbedding`
+    built by other plugins (P-tuning); ``remove`` of this plugin takes the hooks off again."""
+    if model_sizes(model).is_encoder_decoder:
+        module.attach_to_encoder(model.get_encoder())
+    elif _shareable_model(model):
+        module.attach_output_hook(model)
 
 
 class PromptTuningPlugin:
@@ -125,10 +135,7 @@ class PromptTuningPlugin:
             if ids is not None:
                 with torch.no_grad():
                     module.embedding.weight.copy_(emb(ids.to(weight.device)).detach())
-        if sizes.is_encoder_decoder:
-            module.attach_to_encoder(model.get_encoder())
-        elif _shareable_model(model):
-            module.attach_output_hook(model)
+        attach_prompt(model, module)
         store[adapter_name] = module
         return []  # no layer of the model is replaced
 
@@ -303,7 +310,7 @@ def _shared_prompt_inputs(model: nn.Module, module: PromptEmbedding, inputs: dic
         return None  # sliding-window, static, quantized... caches: the plain path
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)
-    prompt = module.embedding.weight[:n].to(embeds.dtype)
+    prompt = module.prompt().to(embeds.dtype)
     # logits of virtual positions the caller will see: all of them, or those logits_to_keep reaches
     need = n - 1 if keep == 0 else max(0, keep - (length + 1))
     small = DynamicCache(config=model.config)
