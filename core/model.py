@@ -106,10 +106,12 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             if name.startswith("_") or name in {"base_model", "adapter_modules", "peft_config"}:
                 raise
-        for spec, _ in self._registry.methods():
-            if name in spec.operations:
-                # a bound method, so help() and signature() show the operation's own (PEFT's API)
-                return types.MethodType(spec.operations[name], self)
+        offers = [spec for spec, _ in self._registry.methods() if name in spec.operations]
+        if len(offers) == 1:
+            # a bound method, so help() and signature() show the operation's own (PEFT's API)
+            return types.MethodType(offers[0].operations[name], self)
+        if offers:
+            return types.MethodType(_dispatch_operation(name, offers), self)
         return getattr(self.base_model, name)
 
     @property
@@ -629,6 +631,28 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
+
+
+def _dispatch_operation(name: str, offers: Sequence[MethodSpec]) -> Any:
+    """An operation that several installed methods offer (LoRA's and IA3's ``add_weighted_adapter``): the call
+    goes to the method of the adapters it names (its string arguments, or lists of them, that are adapter names
+    of the model); an AdapterError when that does not single out one of the offering methods."""
+    by_type = {spec.config_cls.peft_type: spec for spec in offers}
+
+    def call(model: AdaptedModel, *args: Any, **kwargs: Any) -> Any:
+        named: set[str] = set()
+        for value in (*args, *kwargs.values()):
+            values = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+            named.update(v for v in values if isinstance(v, str) and v in model.peft_config)
+        methods = {type(model.peft_config[n]).peft_type for n in named} & set(by_type)
+        if len(methods) != 1:
+            raise AdapterError(f"{name} is offered by several methods ({', '.join(sorted(by_type))}); the call must "
+                               f"name adapters of exactly one of them (it names {sorted(named) or 'none'})")
+        return by_type[methods.pop()].operations[name](model, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = "\n\n".join(f"{m}: {spec.operations[name].__doc__ or ''}" for m, spec in sorted(by_type.items()))
+    return call
 
 
 def _warn_if_stock_trainer(caller: object) -> None:

@@ -54,7 +54,10 @@ class MethodSpec:
     - ``mergeable``: whether ``merge``/``unmerge`` can fold it into the base weights.
     - ``summary``: one line for ``peft-core list-methods``.
     - ``operations``: extra model methods the method offers (``add_weighted_adapter``, say); each is
-      called as ``fn(model, *args, **kwargs)`` when a user calls ``model.<name>(...)``.
+      called as ``fn(model, *args, **kwargs)`` when a user calls ``model.<name>(...)``. When several
+      installed methods offer one name, the call goes to the method of the adapters it names (string
+      arguments, or lists of strings, that are adapter names of the model); naming adapters of none or of
+      several of those methods is an :class:`~peft_core.AdapterError`.
     - ``disk_model_prefix``: what Hugging Face PEFT writes in front of base-model paths in this
       method's files; the core uses it for the ``modules_to_save`` keys. ``"base_model.model."`` (the
       default) for methods PEFT runs through a tuner model (LoRA); ``"base_model."`` for prompt-learning

@@ -1,0 +1,125 @@
+"""The (IA)^3 method plugin: the hook implementations that connect ``IA3Layer`` to peft-core."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from peft_core import MethodSpec, TaskType, hookimpl
+from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.errors import TargetError
+from peft_core.runtime import AdapterRuntime
+from torch import nn
+
+from .config import IA3Config
+from .layer import IA3Layer
+from .operations import add_weighted_adapter
+from .targeting import DEFAULT_TARGETS, find_targets, is_feedforward, layer_kind, resolve_feedforward
+
+__all__ = ["IA3Plugin", "plugin"]
+
+_MODEL_KEY = re.compile(r"\.ia3_l\.([^.]+)$")  # adapter names never contain "."
+_DISK_SUFFIX = ".ia3_l"
+
+
+def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, IA3Layer]]:
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, IA3Layer) and adapter_name in m.ia3_l]
+
+
+class IA3Plugin:
+    """(IA)^3: learned vectors rescale layer outputs (inputs of feed-forward layers)."""
+
+    @hookimpl
+    def declare_methods(self) -> list[MethodSpec]:
+        return [MethodSpec(name="IA3", config_cls=IA3Config, task_types=list(TaskType), mergeable=True,
+                           summary="(IA)^3: learned vectors rescale layer outputs (inputs of feed-forward layers)",
+                           operations={"add_weighted_adapter": add_weighted_adapter})]
+
+    @hookimpl
+    def complete_config(self, model: nn.Module, config: IA3Config) -> IA3Config | None:
+        """Write what the adapter really does, as PEFT does: the default targets and feed-forward modules of the
+        architecture, and ``fan_in_fan_out`` as the targets' layer type says (True for GPT-2's Conv1D)."""
+        changes: dict[str, object] = {}
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.target_modules is None and model_type in DEFAULT_TARGETS:
+            changes["target_modules"] = DEFAULT_TARGETS[model_type]
+        draft = config.replace(**changes) if changes else config
+        try:
+            paths = find_targets(model, draft)
+        except TargetError:
+            return draft if changes else None  # inject reports it, with the model left untouched
+        if config.feedforward_modules is None:
+            changes["feedforward_modules"] = resolve_feedforward(model_type, draft.target_modules, paths)
+        kinds = {layer_kind(model.get_submodule(p).base_layer if isinstance(model.get_submodule(p), IA3Layer)
+                            else model.get_submodule(p)) for p in paths} & {"linear", "conv1d"}
+        if len(kinds) == 1 and config.fan_in_fan_out != (kinds == {"conv1d"}):
+            changes["fan_in_fan_out"] = kinds == {"conv1d"}  # PEFT corrects it the same way (with a warning)
+        return config.replace(**changes) if changes else None
+
+    @hookimpl
+    def inject(self, model: nn.Module, adapter_name: str, config: IA3Config, runtime: AdapterRuntime) -> list[str]:
+        paths = find_targets(model, config)
+        layers: dict[str, IA3Layer] = {}
+        for path in paths:  # build every layer first: a failure leaves the model as it was
+            module = model.get_submodule(path)
+            layers[path] = module if isinstance(module, IA3Layer) else IA3Layer(module, runtime, path)
+        for path, layer in layers.items():
+            layer.add(adapter_name, is_feedforward(path, config.feedforward_modules), config.init_ia3_weights)
+            if model.get_submodule(path) is not layer:
+                model.set_submodule(path, layer)
+        return paths
+
+    @hookimpl
+    def state_dict_filter(self, adapter_name: str,
+                          state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in state_dict.items():
+            m = _MODEL_KEY.search(key)
+            if m is not None and m.group(1) == adapter_name and key.startswith(MODEL_PREFIX):
+                out[model_to_disk_key(key[: m.start()] + _DISK_SUFFIX)] = value
+        return out
+
+    @hookimpl
+    def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in state_dict.items():
+            if key.startswith(DISK_MODEL_PREFIX) and key.endswith(_DISK_SUFFIX):
+                out[f"{disk_to_model_key(key)}.{adapter_name}"] = value
+            else:
+                out[key] = value  # not an (IA)^3 key: the core reports it as unexpected
+        return out
+
+    @hookimpl
+    def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
+        layers = _layers(model, adapter_name)
+        if safe:  # every layer is checked before any changes
+            for _, layer in layers:
+                layer.check_merge(adapter_name)
+        done: list[IA3Layer] = []
+        try:
+            for _, layer in layers:
+                layer.merge(adapter_name)
+                done.append(layer)
+        except BaseException:
+            for layer in reversed(done):  # all or nothing
+                layer.unmerge(adapter_name)
+            raise
+        return True
+
+    @hookimpl
+    def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
+        for _, layer in reversed(_layers(model, adapter_name)):
+            layer.unmerge(adapter_name)
+        return True
+
+    @hookimpl
+    def remove(self, model: nn.Module, adapter_name: str) -> bool:
+        for path, layer in _layers(model, adapter_name):
+            layer.drop(adapter_name)
+            if not layer.ia3_l:
+                model.set_submodule(path, layer.base_layer)
+        return True
+
+
+plugin = IA3Plugin()
