@@ -107,6 +107,11 @@ class AdaptedModel(nn.Module):
             if name.startswith("_") or name in {"base_model", "adapter_modules", "peft_config"}:
                 raise
         offers = [spec for spec, _ in self._registry.methods() if name in spec.operations]
+        if len(offers) > 1:
+            # Only the methods this model has adapters of can be meant; with one left, the user gets that
+            # method's own operation (its docstring and signature in help()), not the dispatcher.
+            present = {type(c).peft_type for c in self.peft_config.values()}
+            offers = [spec for spec in offers if spec.name in present] or offers
         if len(offers) == 1:
             # a bound method, so help() and signature() show the operation's own (PEFT's API)
             return types.MethodType(offers[0].operations[name], self)

@@ -161,3 +161,20 @@ def test_conv_layers_match_peft():
 def test_feedforward_must_be_subset():
     with pytest.raises(ValueError, match="subset"):
         IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
+
+
+def test_add_weighted_adapter_goes_to_the_method_of_the_named_adapters():
+    """LoRA and IA3 both offer add_weighted_adapter; on a model holding both, the adapters named pick the method."""
+    from peft_core import LoraConfig
+
+    model = get_peft_model(MODELS["llama"](), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("lora2", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("ia", IA3Config(target_modules=["k_proj"], feedforward_modules=[], init_ia3_weights=False))
+    model.add_adapter("ia2", IA3Config(target_modules=["k_proj"], feedforward_modules=[], init_ia3_weights=False))
+    model.add_weighted_adapter(["default", "lora2"], [0.5, 0.5], "lora_mix", combination_type="linear")
+    model.add_weighted_adapter(["ia", "ia2"], [0.5, 0.5], "ia_mix")
+    assert type(model.peft_config["lora_mix"]).__name__ == "LoraConfig"
+    assert type(model.peft_config["ia_mix"]).__name__ == "IA3Config"
+    with pytest.raises(AdapterError, match="several methods"):
+        model.add_weighted_adapter(["default", "ia"], [0.5, 0.5], "both")
+    assert "both" not in model.peft_config
