@@ -304,3 +304,31 @@ def test_the_trainer_drives_the_schedule(tmp_path):
     AdapterTrainer(model=ours, args=args, train_dataset=rows).train()
     pattern = ours.peft_config["default"].rank_pattern
     assert pattern and sum(sum(m) for m in pattern.values()) == 2 * len(pattern)
+
+
+def test_add_weighted_adapter_is_refused_as_in_peft():
+    from peft_core import AdapterError
+
+    ours, theirs = _pair("llama")
+    with pytest.raises(TypeError, match="does not support add_weighted_adapter"):
+        theirs.add_weighted_adapter(["default"], [1.0], "mix")
+    with pytest.raises(AdapterError, match="not a LoRA adapter"):
+        ours.add_weighted_adapter(["default"], [1.0], "mix")
+
+
+def test_listed_by_list_methods_and_composes_with_lora():
+    from peft_core import LoraConfig
+
+    rows = {r["method"]: r for r in get_registry().describe()}
+    assert rows["ADALORA"]["mergeable"] and rows["ADALORA"]["plugin"] == "adalora"
+    ours, _ = _pair("llama")
+    ours.add_adapter("lora", LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["k_proj"], init_lora_weights=False))
+    x = model_inputs("llama")
+    ours.eval()
+    alone = _logits(ours, x)
+    ours.set_adapter(["default", "lora"])
+    both = _logits(ours, x)
+    assert _diff(both, alone) > 1e-4
+    ours.merge_adapter()
+    assert _diff(_logits(ours, x), both) <= TOL
+    ours.unmerge_adapter()

@@ -91,8 +91,9 @@ class AdaLoraPlugin:
         return [MethodSpec(name="ADALORA", config_cls=AdaLoraConfig, task_types=list(TaskType), mergeable=True,
                            summary="AdaLoRA: SVD-shaped LoRA whose rank budget is reallocated by importance "
                                    "during training",
-                           operations={"update_and_allocate": update_and_allocate,
-                                       "add_weighted_adapter": _no_weighted_adapter})]
+                           # operations are looked up by name across every installed method, so AdaLoRA offers only
+                           # its own name (LoRA's add_weighted_adapter refuses non-LoRA adapters itself)
+                           operations={"update_and_allocate": update_and_allocate})]
 
     @hookimpl
     def inject(self, model: nn.Module, adapter_name: str, config: AdaLoraConfig, runtime: AdapterRuntime) -> list[str]:
@@ -215,11 +216,6 @@ def update_and_allocate(model: Any, global_step: int) -> None:
             updated = allocator.step(layers_of(model.base_model, name), name, config, global_step)
         if updated is not None:
             model.peft_config[name] = updated
-
-
-def _no_weighted_adapter(model: Any, *args: Any, **kwargs: Any) -> None:
-    """PEFT's AdaLoRA refuses ``add_weighted_adapter`` too: combine LoRA adapters instead."""
-    raise TypeError("AdaLoRA does not support add_weighted_adapter; it combines LoRA adapters only")
 
 
 plugin = AdaLoraPlugin()
