@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import MODELS, copy_adapter_weights, model_inputs
+from conftest import MODELS, assert_same_config_json, copy_adapter_weights, model_inputs
 from peft_core import AdaLoraConfig, ConfigError, PeftModel, get_peft_model, get_registry
 from safetensors.torch import load_file
 
@@ -119,6 +119,10 @@ def test_files_both_ways(name, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "ADALORA" and cfg["init_r"] == 6 and cfg["rank_pattern"] is None
+    peft_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == set(peft_cfg["target_modules"])  # PEFT writes a set, in its order
+    cfg["target_modules"] = peft_cfg["target_modules"]
+    assert_same_config_json(cfg, peft_cfg)
     in_peft = peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours")
     in_ours = PeftModel.from_pretrained(MODELS[name](), tmp_path / "theirs")
     assert isinstance(in_peft.peft_config["default"], peft.AdaLoraConfig)
@@ -332,3 +336,37 @@ def test_listed_by_list_methods_and_composes_with_lora():
     ours.merge_adapter()
     assert _diff(_logits(ours, x), both) <= TOL
     ours.unmerge_adapter()
+
+
+def test_dropout_gradients_match_peft():
+    ours, theirs = _pair("llama", lora_dropout=0.2)
+    x = model_inputs("llama")
+    ours.train(), theirs.train()
+    _seeded(ours, x, "llama").loss.backward()
+    _seeded(theirs, x, "llama").loss.backward()
+    go, gt = _grads(ours, "base_model."), _grads(theirs, "base_model.model.")
+    assert go.keys() == gt.keys()
+    for k in go:
+        assert _diff(go[k], gt[k]) <= TOL, k
+
+
+def test_bf16_and_autocast_match_peft():
+    ours, theirs = _pair("llama")
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    ours.eval(), theirs.eval()
+    x = model_inputs("llama")
+    assert _diff(_logits(ours, x), _logits(theirs, x)) == 0.0
+    ours, theirs = _pair("llama")
+    ours.eval(), theirs.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _diff(_logits(ours, x), _logits(theirs, x)) <= 1e-2
+
+
+def test_a_pruned_file_loads_with_low_cpu_mem_usage(tmp_path):
+    _, theirs, _ = _train_both("llama", steps=6)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    x = model_inputs("llama")
+    lazy = PeftModel.from_pretrained(MODELS["llama"](), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in lazy.parameters())
+    assert _diff(_logits(lazy, x), _logits(theirs, x)) <= TOL

@@ -64,6 +64,17 @@ class AdaLoraConfig(PeftConfig):
         "kasa_config": None, "ensure_weight_tying": False,
     }
 
+    #: What PEFT writes for those fields (an AdaLoraConfig is a LoraConfig there): written too, so the two files
+    #: hold the same fields.
+    peft_written_defaults: ClassVar[Mapping[str, Any]] = {
+        "use_rslora": False, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+        "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+        "lora_ga_config": None, "use_dora": False, "velora_config": None, "alora_invocation_tokens": None,
+        "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+        "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
+        "kasa_config": None, "ensure_weight_tying": False,
+    }
+
     #: LoRA's rank, unused by AdaLoRA (``init_r`` is the initial rank); a value other than 8 warns, as in PEFT.
     r: int = attrs.field(default=8, validator=check(int, low=0))
     target_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
@@ -103,6 +114,10 @@ class AdaLoraConfig(PeftConfig):
     #: Which initial ranks each layer keeps (``{"<path>.lora_E": [True, False, ...]}``); set by the schedule.
     rank_pattern: dict[str, tuple[bool, ...]] | None = attrs.field(default=None, converter=_rank_pattern,
                                                                    validator=_rank_pattern_ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` for AdaLoRA: these fields plus LoRA's unused ones at PEFT's values."""
+        return {**self.peft_written_defaults, **super().to_dict()}
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
-from peft_core.errors import AdapterError, ConfigError
+from peft_core.errors import AdapterError, ConfigError, TargetError
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import find_targets
 from torch import nn
@@ -61,6 +61,13 @@ def _adaptable(module: nn.Module) -> bool:
     return base_kind(module) is not None
 
 
+def _targets(model: nn.Module, config: AdaLoraConfig) -> list[str]:
+    return find_targets(model, config.target_modules, adaptable=_adaptable, exclude_modules=config.exclude_modules,
+                        layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                        modules_to_save=config.modules_to_save, default_targets=DEFAULT_TARGETS,
+                        method="peft-core's AdaLoRA")
+
+
 def _trainable_elsewhere(model: nn.Module, adapter_name: str) -> str | None:
     for module in model.modules():
         if isinstance(module, AdaLoraLayer):
@@ -96,15 +103,34 @@ class AdaLoraPlugin:
                            operations={"update_and_allocate": update_and_allocate})]
 
     @hookimpl
+    def complete_config(self, model: nn.Module, config: AdaLoraConfig) -> AdaLoraConfig | None:
+        # PEFT writes what the adapter really targets: target_modules=None becomes the architecture's default
+        # names, and fan_in_fan_out follows the layer type it meets (the last target decides, with a warning).
+        # So do we, so that the two files say the same.
+        changes: dict[str, Any] = {}
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.target_modules is None and model_type in DEFAULT_TARGETS:
+            changes["target_modules"] = DEFAULT_TARGETS[model_type]
+        try:
+            targets = _targets(model, config.replace(**changes) if changes else config)
+        except TargetError:
+            targets = []  # inject reports it, with the model untouched
+        kind = base_kind(model.get_submodule(targets[-1])) if targets else None
+        transposed = kind == "conv1d"
+        if kind is not None and transposed != config.fan_in_fan_out:
+            layer_type = "Conv1D" if transposed else "torch.nn.Linear"
+            warnings.warn(f"AdaLoraConfig.fan_in_fan_out={config.fan_in_fan_out} but the targets are {layer_type} "
+                          f"layers; setting fan_in_fan_out={transposed}", UserWarning, stacklevel=2)
+            changes["fan_in_fan_out"] = transposed
+        return config.replace(**changes) if changes else None
+
+    @hookimpl
     def inject(self, model: nn.Module, adapter_name: str, config: AdaLoraConfig, runtime: AdapterRuntime) -> list[str]:
         if not config.inference_mode:
             other = _trainable_elsewhere(model, adapter_name)
             if other is not None:
                 raise ConfigError(f"{_ONE_TRAINABLE} (adapter {other!r} is trainable already)")
-        targets = find_targets(model, config.target_modules, adaptable=_adaptable,
-                               exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
-                               layers_pattern=config.layers_pattern, modules_to_save=config.modules_to_save,
-                               default_targets=DEFAULT_TARGETS, method="peft-core's AdaLoRA")
+        targets = _targets(model, config)
         # every new layer is built before any is put in: an unsupported target raises with the model untouched
         layers: dict[str, AdaLoraLayer] = {}
         for path in targets:
