@@ -486,6 +486,7 @@ class AdaptedModel(nn.Module):
         if not isinstance(loss, torch.Tensor):
             return
         reg = self._registry
+        total = loss
         for name in self._runtime.active:
             method = type(self.peft_config[name]).peft_type
             if not self._trains(name) or not reg.implements(method, "training_loss_term"):
@@ -496,8 +497,9 @@ class AdaptedModel(nn.Module):
             if not isinstance(term, torch.Tensor):
                 raise PluginContractError(f"training_loss_term of {method} returned {type(term).__name__}; the "
                                           "hook contract expects a tensor or None")
-            loss = loss + term
-        outputs.loss = loss  # a transformers ModelOutput keeps its mapping entry in step with the attribute
+            total = total + term
+        if total is not loss:
+            outputs.loss = total  # a transformers ModelOutput keeps its mapping entry in step with the attribute
 
     # ------------------------------------------------------------------ training steps
     def on_optimizer_step(self, global_step: int) -> None:
