@@ -31,7 +31,8 @@ before the owner marks its implementation ``tryfirst=True``). A hook that return
 ``None`` means "not implemented": for ``inject``, ``state_dict_filter`` and ``state_dict_load`` that is
 an error; ``merge``/``unmerge`` are required of (and only called for) methods declared ``mergeable`` —
 declaring ``mergeable=True`` without both is a contract error at registration; ``complete_config``,
-``prepare_inputs``, ``remove`` and ``trained_base_parameters`` are optional, and an extension's
+``prepare_inputs``, ``remove``, ``trained_base_parameters``, ``training_loss_term`` and ``on_optimizer_step``
+are optional, and an extension's
 implementation of one runs even when the owning plugin has none.
 
 Who may implement what
@@ -387,4 +388,56 @@ def convert_for_save(model: nn.Module, adapter_name: str, config: PeftConfig, st
         def convert_for_save(config, state_dict, initial_state_dict):
             delta = {k: v - initial_state_dict[k] for k, v in state_dict.items()}
             return config.replace(init_weights=True), delta
+    """
+
+
+@hookspec(firstresult=True)
+def training_loss_term(model: nn.Module, adapter_name: str, config: PeftConfig, outputs: Any) -> torch.Tensor | None:
+    """Add a term to the training loss of a forward's output: a regulariser the method trains with.
+
+    When: after every forward of the wrapping model (``model(...)``, not ``generate``) while the wrapping model
+    is in training mode, adapters are not disabled, and the output has a tensor ``loss`` (transformers computes
+    it from ``labels``); once per adapter that trains now (active and not ``inference_mode``), in activation
+    order. ``outputs`` is the base model's output; the parameters are the adapter's own, so the term's gradient
+    reaches them. In eval mode nothing is added, so evaluation losses stay the task's loss.
+
+    Returns (firstresult): a scalar tensor, which the core adds to ``outputs.loss`` (out of place, so autograd
+    sees it); or None to add nothing. Anything else is a :class:`~peft_core.errors.PluginContractError`.
+
+    Example::
+
+        @hookimpl
+        def training_loss_term(model, adapter_name, config):
+            weights = [layer.scale[adapter_name] for layer in my_layers(model, adapter_name)]
+            return config.decay * sum(w.pow(2).sum() for w in weights)
+    """
+
+
+@hookspec(firstresult=True)
+def on_optimizer_step(model: nn.Module, adapter_name: str, config: PeftConfig, global_step: int) -> PeftConfig | None:
+    """Act on the adapter once per optimiser step: schedules that read gradients or reshape the adapter as it
+    trains (AdaLoRA's rank allocation, which reads each weight's gradient and masks the least important ranks).
+
+    When: ``model.on_optimizer_step(global_step)``, which the training loop calls after ``optimizer.step()`` and
+    before the gradients are zeroed, so ``p.grad`` still holds this step's gradients and ``p`` the updated
+    values. :class:`~peft_core.integrations.transformers.AdapterTrainer` calls it from a
+    ``TrainerCallback.on_optimizer_step``; a plain loop or Accelerate calls it itself. ``global_step`` is the
+    0-based index of the step just taken (the Trainer's ``state.global_step`` at that moment). Called for every
+    adapter of the model whose method implements it, in the order they were added, active or not: a method
+    that only acts on trained adapters checks ``config.inference_mode`` itself. Runs under
+    ``torch.no_grad()``.
+
+    Returns (firstresult): the adapter's updated config, an instance of the method's ``config_cls`` made with
+    ``config.replace(...)``, which the core keeps from then on (later hooks get it, ``save_pretrained`` writes
+    it: AdaLoRA records its ``rank_pattern`` so); or None to keep the config as it is.
+
+    Example::
+
+        @hookimpl
+        def on_optimizer_step(model, adapter_name, config, global_step):
+            if config.inference_mode or global_step % config.interval:
+                return None
+            for layer in my_layers(model, adapter_name):
+                layer.prune(adapter_name)
+            return config.replace(pruned_at=global_step)
     """

@@ -480,9 +480,58 @@ class AdaptedModel(nn.Module):
         row goes through its own adapter, as PEFT's ``adapter_names``. Layers that cannot route refuse it with an
         AdapterError."""
         with self._routed(adapter_names, args, kwargs):
-            return self.base_model(*args, **kwargs)
+            outputs = self.base_model(*args, **kwargs)
+        if self.training and not self._runtime.disabled:
+            self._add_loss_terms(outputs)
+        return outputs
 
     forward = ForwardWithBaseSignature()
+
+    def _add_loss_terms(self, outputs: Any) -> None:
+        """Add the trained adapters' ``training_loss_term`` answers to ``outputs.loss`` (a regulariser)."""
+        loss = getattr(outputs, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            return
+        reg = self._registry
+        total = loss
+        for name in self._runtime.active:
+            method = type(self.peft_config[name]).peft_type
+            if not self._trains(name) or not reg.implements(method, "training_loss_term"):
+                continue
+            term = self._call(name, "training_loss_term", outputs=outputs)
+            if term is None:
+                continue
+            if not isinstance(term, torch.Tensor):
+                raise PluginContractError(f"training_loss_term of {method} returned {type(term).__name__}; the "
+                                          "hook contract expects a tensor or None")
+            total = total + term
+        if total is not loss:
+            outputs.loss = total  # a transformers ModelOutput keeps its mapping entry in step with the attribute
+
+    # ------------------------------------------------------------------ training steps
+    def on_optimizer_step(self, global_step: int) -> None:
+        """Tell the adapters that an optimiser step was taken: call this after ``optimizer.step()`` and before
+        ``optimizer.zero_grad()``, with the 0-based index of the step (``AdapterTrainer`` does it for you).
+
+        Methods with a training-time schedule act here through their ``on_optimizer_step`` hook (AdaLoRA
+        reallocates its rank budget); for the others it does nothing. A config a method returns replaces the
+        adapter's (it is what ``save_pretrained`` writes)."""
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise TypeError(f"on_optimizer_step needs the step index (an int >= 0), got {global_step!r}")
+        reg = self._registry
+        for name in list(self.peft_config):
+            config = self.peft_config[name]
+            if not reg.implements(type(config).peft_type, "on_optimizer_step"):
+                continue
+            with torch.no_grad():
+                updated = self._call(name, "on_optimizer_step", global_step=global_step)
+            if updated is None:
+                continue
+            if type(updated) is not type(config):
+                raise PluginContractError(f"on_optimizer_step of {type(config).peft_type} returned "
+                                          f"{type(updated).__name__}; the hook contract expects a "
+                                          f"{type(config).__name__} or None")
+            self.peft_config[name] = updated
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` (same arguments) with the active adapters, or with ``adapter_names``

@@ -93,6 +93,10 @@ def test_every_hook_is_exercised_and_wrappable(toy, tmp_path):
         model = AdaptedModel(tiny_llama(), ToyScaleConfig(shift_inputs=True))
         ids = model_inputs("llama")["input_ids"]
         model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()  # a training forward with a loss: training_loss_term
+        model.on_optimizer_step(0)  # what a loop calls after optimizer.step(): on_optimizer_step
+        model.eval()
         model.save_pretrained(tmp_path)
         # the toy method has no conversion: the call reaches the hook, answers None, and the save is refused
         with pytest.raises(ConfigError, match=r"TOY.* has no conversion"):
@@ -141,6 +145,75 @@ class ToyPluginTwo(ToyPlugin):
     def declare_methods(self):
         return [MethodSpec(name="TOYTWO", config_cls=ToyTwoConfig, task_types=list(TaskType), mergeable=False,
                            summary="second toy")]
+
+
+class ToyStepPlugin(ToyPlugin):
+    """A third party's method with a regulariser and a per-step schedule (the two training-step hooks)."""
+
+    def __init__(self, term=None, config_back=None) -> None:
+        super().__init__()
+        self.steps: list[tuple[str, int, bool]] = []
+        self._term, self._config_back = term, config_back
+
+    @hookimpl
+    def training_loss_term(self, model, adapter_name, config, outputs):
+        self.calls.append(f"term:{adapter_name}")
+        return self._term(model, adapter_name) if self._term else None
+
+    @hookimpl
+    def on_optimizer_step(self, model, adapter_name, config, global_step):
+        self.steps.append((adapter_name, global_step, torch.is_grad_enabled()))
+        return self._config_back(config, global_step) if self._config_back else None
+
+
+def _scales(model, name):
+    return sum(m.toy_scale[name].sum() for m in model.modules() if hasattr(m, "toy_scale") and name in m.toy_scale)
+
+
+def test_training_step_hooks_reach_the_loss_and_keep_the_returned_config():
+    plugin = ToyStepPlugin(term=lambda model, name: 0.5 * _scales(model, name),
+                           config_back=lambda config, step: config.replace(revision=f"step-{step}"))
+    with get_registry().plugin(plugin, name="toy-steps"):
+        model = AdaptedModel(tiny_llama(), ToyScaleConfig())
+        model.add_adapter("frozen", ToyScaleConfig(inference_mode=True))
+        ids = model_inputs("llama")["input_ids"]
+        model.eval()
+        plain = model(input_ids=ids, labels=ids).loss
+        terms = lambda: [c for c in plugin.calls if c.startswith("term:")]  # noqa: E731
+        assert terms() == []  # eval: no term
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        assert terms() == ["term:default"]  # only the adapter that trains now
+        expected = float(plain) + 0.5 * float(_scales(model.base_model, "default"))
+        assert abs(float(out.loss) - expected) < 1e-4 and out["loss"] is out.loss
+        out.loss.backward()  # the term's gradient reaches the adapter's parameters
+        layer = next(m for m in model.base_model.modules() if hasattr(m, "toy_scale"))
+        assert layer.toy_scale["default"].grad is not None
+        model(input_ids=ids)  # no labels, no loss: nothing to add to
+        with model.disable_adapter():
+            model(input_ids=ids, labels=ids)
+        assert terms() == ["term:default"]
+        model.on_optimizer_step(3)
+        # every adapter of the method, in the order added, without autograd; the returned configs are kept
+        assert plugin.steps == [("default", 3, False), ("frozen", 3, False)]
+        assert model.peft_config["default"].revision == "step-3"
+        assert model.peft_config["frozen"].revision == "step-3"
+        with pytest.raises(TypeError, match="step index"):
+            model.on_optimizer_step(-1)
+
+
+def test_training_step_hooks_answer_with_the_contract_s_types():
+    with get_registry().plugin(ToyStepPlugin(term=lambda model, name: 1.0), name="toy-bad-term"):
+        model = AdaptedModel(tiny_llama(), ToyScaleConfig())
+        model.train()
+        ids = model_inputs("llama")["input_ids"]
+        with pytest.raises(PluginContractError, match="training_loss_term"):
+            model(input_ids=ids, labels=ids)
+    with get_registry().plugin(ToyStepPlugin(config_back=lambda config, step: {"r": 1}), name="toy-bad-step"):
+        model = AdaptedModel(tiny_llama(), ToyScaleConfig())
+        with pytest.raises(PluginContractError, match="on_optimizer_step"):
+            model.on_optimizer_step(0)
+        assert isinstance(model.peft_config["default"], ToyScaleConfig)
 
 
 def test_dispatch_reaches_only_the_owning_method_plugin(toy):

@@ -8,6 +8,10 @@ that checkpoints exactly what ``save_pretrained`` writes (adapter files only, PE
 from such checkpoints::
 
     from peft_core.integrations.transformers import AdapterTrainer as Trainer
+
+It also drives the adapters' training-step schedules: after each optimiser step (before the gradients are
+zeroed) it calls ``model.on_optimizer_step(state.global_step)`` through a ``TrainerCallback``, so AdaLoRA's
+rank allocation runs during ``train()`` without the user calling anything.
 """
 
 from __future__ import annotations
@@ -22,16 +26,45 @@ from ..errors import CheckpointError
 from ..model import AdaptedModel
 from ..serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights
 
-__all__ = ["AdapterTrainer"]
+__all__ = ["AdapterTrainer", "OptimizerStepCallback"]
 
 _TRAINING_ARGS_NAME = "training_args.bin"
 
 
+class OptimizerStepCallback(transformers.TrainerCallback):
+    """Calls ``model.on_optimizer_step(state.global_step)`` after each optimiser step, before ``zero_grad``.
+
+    transformers fires ``on_optimizer_step`` right after ``optimizer.step()``, while the gradients are still
+    there, and increments ``state.global_step`` only after zeroing them: the index passed is the 0-based index
+    of the step just taken, as in a plain loop. :class:`AdapterTrainer` adds it; a stock ``Trainer`` can too
+    (``callbacks=[OptimizerStepCallback()]``)."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                          **kwargs: Any) -> None:
+        inner = _unwrap(model)
+        if isinstance(inner, AdaptedModel):
+            inner.on_optimizer_step(state.global_step)
+
+
+def _unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The model inside DDP/DataParallel-style wrappers (``.module``) and torch.compile (``._orig_mod``)."""
+    seen = 0
+    while model is not None and not isinstance(model, AdaptedModel) and seen < 8:
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        seen += 1
+    return model
+
+
 class AdapterTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints of a peft-core model hold only the adapter(s)."""
+    """``transformers.Trainer`` whose checkpoints of a peft-core model hold only the adapter(s), and which
+    drives the adapters' ``on_optimizer_step`` schedules (:class:`OptimizerStepCallback`)."""
 
     #: Read by AdaptedModel: a Trainer with this mark checkpoints adapters, so the stock-Trainer warning is not given.
     _peft_core_adapter_checkpoints = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(OptimizerStepCallback())
 
     def _adapted(self, model: torch.nn.Module | None = None) -> AdaptedModel | None:
         inner = self.accelerator.unwrap_model(model if model is not None else self.model)
