@@ -699,6 +699,10 @@ def _dispatch_operation(name: str, offers: Sequence[MethodSpec]) -> Any:
             values = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
             named.update(v for v in values if isinstance(v, str) and v in model.peft_config)
         methods = {type(model.peft_config[n]).peft_type for n in named} & set(by_type)
+        if named and not methods:
+            owners = ", ".join(f"{n!r} is {type(model.peft_config[n]).peft_type}" for n in sorted(named))
+            raise AdapterError(f"{name} is offered by {', '.join(sorted(by_type))} only; {owners}, which does "
+                               f"not offer it")
         if len(methods) != 1:
             raise AdapterError(f"{name} is offered by several methods ({', '.join(sorted(by_type))}); the call must "
                                f"name adapters of exactly one of them (it names {sorted(named) or 'none'})")

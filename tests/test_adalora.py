@@ -316,7 +316,7 @@ def test_add_weighted_adapter_is_refused_as_in_peft():
     ours, theirs = _pair("llama")
     with pytest.raises(TypeError, match="does not support add_weighted_adapter"):
         theirs.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(AdapterError, match="not a LoRA adapter"):
+    with pytest.raises(AdapterError, match="'default' is ADALORA, which does not offer it"):
         ours.add_weighted_adapter(["default"], [1.0], "mix")
 
 
