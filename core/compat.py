@@ -32,7 +32,13 @@ The method-specific rows are implemented by each method's plugin (``state_dict_f
 
 from __future__ import annotations
 
-__all__ = ["DISK_MODEL_PREFIX", "MODEL_PREFIX", "STORE_PREFIX", "disk_to_model_key", "model_to_disk_key"]
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+__all__ = ["DISK_MODEL_PREFIX", "MODEL_PREFIX", "STORE_PREFIX", "adapter_keys_from_disk", "adapter_keys_to_disk",
+           "disk_to_model_key", "model_to_disk_key"]
 
 #: Keys of the wrapped model inside an AdaptedModel's state dict.
 MODEL_PREFIX = "base_model."
@@ -40,6 +46,8 @@ MODEL_PREFIX = "base_model."
 STORE_PREFIX = "adapter_modules."
 #: What PEFT writes in front of a base-model path (its PeftModel.base_model.model nesting).
 DISK_MODEL_PREFIX = "base_model.model."
+
+T = TypeVar("T")
 
 
 def model_to_disk_key(key: str) -> str:
@@ -54,3 +62,31 @@ def disk_to_model_key(key: str) -> str:
     if key.startswith(DISK_MODEL_PREFIX):
         return MODEL_PREFIX + key[len(DISK_MODEL_PREFIX):]
     return key
+
+
+@functools.lru_cache(maxsize=64)
+def _named(names: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    alt = "|".join(map(re.escape, names))
+    return re.compile(rf"\.({alt})\.([^.]+)$"), re.compile(rf"\.({alt})$")
+
+
+def adapter_keys_to_disk(state_dict: Mapping[str, T], adapter_name: str, names: Sequence[str]) -> dict[str, T]:
+    """The tensors one adapter's layers hold as ``base_model.<path>.<name>.<adapter_name>`` (``name`` in
+    ``names``: ``("ia3_l",)``, say), under PEFT's file keys ``base_model.model.<path>.<name>``; every other key is
+    left out. The common ``state_dict_filter`` of a method whose layers keep one tensor per adapter and name."""
+    in_model, _ = _named(tuple(names))
+    out: dict[str, T] = {}
+    for key, value in state_dict.items():
+        m = in_model.search(key)  # adapter names never contain "."
+        if key.startswith(MODEL_PREFIX) and m is not None and m.group(2) == adapter_name:
+            out[model_to_disk_key(f"{key[: m.start()]}.{m.group(1)}")] = value
+    return out
+
+
+def adapter_keys_from_disk(state_dict: Mapping[str, T], adapter_name: str, names: Sequence[str]) -> dict[str, T]:
+    """The inverse of :func:`adapter_keys_to_disk`, for ``state_dict_load``: PEFT's
+    ``base_model.model.<path>.<name>`` becomes ``base_model.<path>.<name>.<adapter_name>``. Other keys pass
+    through unchanged, so the core reports them as unexpected."""
+    _, on_disk = _named(tuple(names))
+    return {f"{disk_to_model_key(key)}.{adapter_name}" if key.startswith(DISK_MODEL_PREFIX) and on_disk.search(key)
+            else key: value for key, value in state_dict.items()}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
-from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.compat import MODEL_PREFIX, adapter_keys_from_disk, model_to_disk_key
 from peft_core.errors import AdapterError, ConfigError, TargetError
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import find_targets
@@ -47,7 +47,7 @@ DEFAULT_TARGETS: Mapping[str, tuple[str, ...]] = {
 
 # in the model: base_model.<path>.lora_X.<adapter>; on disk: base_model.model.<path>.lora_X
 _MODEL_KEY = re.compile(r"\.(lora_A|lora_E|lora_B)\.([^.]+)$")
-_DISK_KEY = re.compile(r"\.(lora_A|lora_E|lora_B)$")
+_TENSORS = ("lora_A", "lora_E", "lora_B")
 _ONE_TRAINABLE = ("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode "
                   "to True for all adapters except the one you want to train.")
 
@@ -168,13 +168,7 @@ class AdaLoraPlugin:
 
     @hookimpl
     def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            if key.startswith(DISK_MODEL_PREFIX) and _DISK_KEY.search(key):
-                out[f"{disk_to_model_key(key)}.{adapter_name}"] = value
-            else:
-                out[key] = value  # not ours: passed through so the core reports it as unexpected
-        return out
+        return adapter_keys_from_disk(state_dict, adapter_name, _TENSORS)
 
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:

@@ -11,12 +11,11 @@ State-dict keys are PEFT's: in the model ``base_model.<path>.adaption_prompt.<ad
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
-from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.compat import adapter_keys_from_disk, adapter_keys_to_disk
 from peft_core.errors import ConfigError, TargetError
 from peft_core.runtime import AdapterRuntime
 from torch import nn
@@ -28,9 +27,6 @@ from .layer import AdaptedAttention
 __all__ = ["AdaptionPromptPlugin", "plugin"]
 
 _PARAMS = ("adaption_prompt", "adaption_gate")
-# in the model: <path>.adaption_prompt.<adapter>; adapter names never contain "."
-_MODEL_KEY = re.compile(r"\.(adaption_prompt|adaption_gate)\.([^.]+)$")
-_DISK_KEY = re.compile(r"\.(adaption_prompt|adaption_gate)$")
 
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdaptedAttention]]:
@@ -93,22 +89,11 @@ class AdaptionPromptPlugin:
 
     @hookimpl
     def state_dict_filter(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            m = _MODEL_KEY.search(key)
-            if key.startswith(MODEL_PREFIX) and m is not None and m.group(2) == adapter_name:
-                out[model_to_disk_key(key[: m.start()] + "." + m.group(1))] = value
-        return out
+        return adapter_keys_to_disk(state_dict, adapter_name, _PARAMS)
 
     @hookimpl
     def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            if key.startswith(DISK_MODEL_PREFIX) and _DISK_KEY.search(key):
-                out[f"{disk_to_model_key(key)}.{adapter_name}"] = value
-            else:
-                out[key] = value  # not ours: passed through so the core reports it as unexpected
-        return out
+        return adapter_keys_from_disk(state_dict, adapter_name, _PARAMS)
 
     @hookimpl
     def remove(self, model: nn.Module, adapter_name: str) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
-from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.compat import adapter_keys_from_disk, adapter_keys_to_disk
 from peft_core.errors import TargetError
 from peft_core.runtime import AdapterRuntime
 from torch import nn
@@ -18,9 +17,6 @@ from .operations import add_weighted_adapter
 from .targeting import DEFAULT_TARGETS, find_targets, is_feedforward, layer_kind, resolve_feedforward
 
 __all__ = ["IA3Plugin", "plugin"]
-
-_MODEL_KEY = re.compile(r"\.ia3_l\.([^.]+)$")  # adapter names never contain "."
-_DISK_SUFFIX = ".ia3_l"
 
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, IA3Layer]]:
@@ -73,22 +69,11 @@ class IA3Plugin:
     @hookimpl
     def state_dict_filter(self, adapter_name: str,
                           state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in state_dict.items():
-            m = _MODEL_KEY.search(key)
-            if m is not None and m.group(1) == adapter_name and key.startswith(MODEL_PREFIX):
-                out[model_to_disk_key(key[: m.start()] + _DISK_SUFFIX)] = value
-        return out
+        return adapter_keys_to_disk(state_dict, adapter_name, ("ia3_l",))
 
     @hookimpl
     def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in state_dict.items():
-            if key.startswith(DISK_MODEL_PREFIX) and key.endswith(_DISK_SUFFIX):
-                out[f"{disk_to_model_key(key)}.{adapter_name}"] = value
-            else:
-                out[key] = value  # not an (IA)^3 key: the core reports it as unexpected
-        return out
+        return adapter_keys_from_disk(state_dict, adapter_name, ("ia3_l",))
 
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
