@@ -265,6 +265,9 @@ class AdaptedModel(nn.Module):
             self._ownership.forget(adapter_name)
             raise
         self._match_training_mode(modules_before)
+        # asked in every training forward (_add_loss_terms): answered now, so a compiled forward finds the answer
+        # cached instead of tracing the registry's locked lookup
+        self._registry.implements(spec.name, "training_loss_term")
         if autocast_adapter_dtype:
             self._ownership.upcast_half(adapter_name)
         if low_cpu_mem_usage:

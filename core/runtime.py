@@ -9,14 +9,22 @@ a walk over the model.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 __all__ = ["BASE_ROW", "AdapterRuntime", "Routing"]
 
 _COUNT_LOCK = threading.Lock()
+_KEYS = itertools.count()
+#: Live runtimes by key: the compiled-graph gate operator (below) finds its runtime from an int argument, since
+#: a custom operator cannot take a Python object.
+_RUNTIMES: weakref.WeakValueDictionary[int, AdapterRuntime] = weakref.WeakValueDictionary()
 
 #: The row name that means "no adapter" in mixed-batch inference (``adapter_names=[...]``).
 BASE_ROW = "__base__"
@@ -44,11 +52,16 @@ class AdapterRuntime:
     calls with different ``adapter_names`` in different threads do not see each other's rows.
     """
 
-    __slots__ = ("_routed_calls", "_routing", "active", "disabled")
+    __slots__ = ("__weakref__", "_gate_cache", "_key", "_routed_calls", "_routing", "active", "disabled", "slots")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.disabled: bool = False
+        #: adapter name -> its column in :meth:`gate_rows` (assigned once, by :meth:`slot`, never reused)
+        self.slots: dict[str, int] = {}
+        self._key = next(_KEYS)
+        _RUNTIMES[self._key] = self
+        self._gate_cache: tuple[Any, torch.Tensor] | None = None
         self._routing: contextvars.ContextVar[Routing | None] = contextvars.ContextVar(
             "peft_core_routing", default=None)
         # How many routed calls are in flight, in any thread. While it is 0 no ContextVar is read: the
@@ -74,20 +87,79 @@ class AdapterRuntime:
                 self._routed_calls -= 1
             self._routing.reset(token)
 
+    # ---- compiled graphs
+    def slot(self, name: str) -> int:
+        """The column of adapter ``name`` in :meth:`gate_rows` (layers call it when they add the adapter)."""
+        if name not in self.slots:
+            self.slots[name] = len(self.slots)
+        return self.slots[name]
+
+    def gate_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x.shape[0], len(slots))`` in ``x``'s dtype and device: 1 where a row's adapter is on, else 0.
+
+        For layers inside a ``torch.compile``d graph: it is computed when the graph *runs* (a custom operator,
+        opaque to Dynamo), from the active adapters, ``disabled`` and the call's routing, so ``set_adapter``,
+        ``disable_adapter`` and mixed batches change no Python value the graph was specialised on and compile
+        nothing new. A layer computes every adapter it holds and weights each by its column (1 or 0, so exact).
+        """
+        return torch.ops.peft_core.gate_rows(x, self._key, len(self.slots))
+
+    def _gates(self, rows: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        routing = self.routing()
+        key = (self.active, self.disabled, routing, rows, width, device, dtype)
+        cached = self._gate_cache
+        if cached is not None and cached[0] == key:
+            return cached[1].clone()  # a fresh tensor: the graph owns (and may reuse) an operator's output
+        if self.disabled:
+            table = torch.zeros(rows, width)
+        elif routing is None:
+            row = torch.zeros(width)
+            for name in self.active:
+                if self.slots.get(name, width) < width:
+                    row[self.slots[name]] = 1.0
+            table = row.expand(rows, width)
+        else:
+            if len(routing.names) != rows:
+                from .errors import AdapterError
+
+                raise AdapterError(f"adapter_names has {len(routing.names)} entries but a layer saw {rows} rows")
+            table = torch.zeros(rows, width)
+            for i, name in enumerate(routing.names):
+                column = self.slots.get(name)
+                if column is not None and column < width:
+                    table[i, column] = 1.0
+        gates = table.to(device=device, dtype=dtype).contiguous()
+        self._gate_cache = (key, gates)
+        return gates.clone()
+
     # ContextVars are neither picklable nor deep-copyable; a copy gets a fresh one (no call in flight).
     def __getstate__(self) -> dict[str, Any]:
-        return {"active": self.active, "disabled": self.disabled}
+        return {"active": self.active, "disabled": self.disabled, "slots": dict(self.slots)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
         self.active = state["active"]
         self.disabled = state["disabled"]
+        self.slots = dict(state.get("slots", {}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AdapterRuntime:
         new = AdapterRuntime()
-        new.active, new.disabled = self.active, self.disabled
+        new.active, new.disabled, new.slots = self.active, self.disabled, dict(self.slots)
         memo[id(self)] = new
         return new
 
     def __repr__(self) -> str:
         return f"AdapterRuntime(active={self.active!r}, disabled={self.disabled!r})"
+
+
+@torch.library.custom_op("peft_core::gate_rows", mutates_args=())
+def _gate_rows_op(x: torch.Tensor, key: int, width: int) -> torch.Tensor:
+    runtime = _RUNTIMES.get(key)
+    if runtime is None:  # the model was freed but a graph compiled for it still runs
+        return x.new_zeros((x.shape[0], width))
+    return runtime._gates(x.shape[0], width, x.device, x.dtype)
+
+
+@_gate_rows_op.register_fake
+def _(x: torch.Tensor, key: int, width: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], width))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from peft_core.amp import autocast_dtype, autocast_off, device_function
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "lora_linear_gated"]
 
 
 def _dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
@@ -143,3 +143,29 @@ def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
         result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=scaling)
         return result
     return torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling).view(result.shape)
+
+
+def lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                      gate: torch.Tensor) -> torch.Tensor:
+    """``result + (gate * scaling) * B(A(x))`` for inference inside a compiled graph.
+
+    ``gate`` (0 or 1 per row, broadcastable against ``result``) says whether each row takes this adapter; it is a
+    tensor computed when the graph runs (``AdapterRuntime.gate_rows``), so which adapter is on never becomes a
+    Python value the graph is specialised on. Multiplying by exactly 0 or 1 keeps the result exact. Dtypes as in
+    :func:`lora_linear`: the activation dtype, or the base output's under autocast.
+    """
+    device_type = x.device.type
+    if autocast_dtype(device_type) is not None and result.is_floating_point():
+        with autocast_off(device_type):
+            return _lora_linear_gated(result, x.to(result.dtype), a, b, scaling, gate)
+    return _lora_linear_gated(result, x, a, b, scaling, gate)
+
+
+def _lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                       gate: torch.Tensor) -> torch.Tensor:
+    if a.dtype != x.dtype:
+        a = a.to(x.dtype)
+        b = b.to(x.dtype)
+    if result.dtype != x.dtype:
+        result = result.to(x.dtype)
+    return result + (x @ a.t() @ b.t()) * (gate.to(x.dtype) * scaling)

@@ -29,7 +29,7 @@ from peft_core.runtime import AdapterRuntime, Routing
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .functional import lora_linear
+from .functional import lora_linear, lora_linear_gated
 from .variant import LoraVariant, trained_only, variant_state
 
 __all__ = ["ConvLoraLayer", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLayer", "LoraLinear",
@@ -159,6 +159,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout_p[name] = dropout
+        self._runtime.slot(name)  # its gate column in compiled graphs (see _forward_gated)
         if variant is not None and "init_lora_weights" in getattr(variant, "claims", ()):
             init = False  # the variant initialises A and B itself (MiCA), from the factories' own draws as in PEFT
         self._create(name, r, init)
@@ -357,6 +358,8 @@ class LoraLinear(ModulePairLayer):
         return delta.t() if self.transposed else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training and not self.variants and torch.compiler.is_compiling():
+            return self._forward_gated(x, *args, **kwargs)
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
             return self._mixed(x, routing, *args, **kwargs)
@@ -383,6 +386,29 @@ class LoraLinear(ModulePairLayer):
                                  self.scaling[name], p, inplace)
             if self.lora_bias[name]:
                 result = result + self._scaled_bias(name, result.dtype)
+        return result
+
+    def _forward_gated(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Inference inside a compiled graph: every unmerged adapter the layer holds, each weighted per row by its
+        gate (1 where the row's adapter is on, else 0; computed when the graph runs). The graph then depends
+        only on which adapters the layer holds and has merged, so ``set_adapter``, ``disable_adapter`` and mixed
+        batches run the same graph instead of compiling new ones (Hugging Face PEFT recompiles on
+        ``set_adapter``). The price is one LoRA product per held adapter instead of per active one. Training
+        keeps the eager selection: a zero-gated adapter would get zero gradients where eager gives none, and an
+        optimiser's weight decay would then move it."""
+        result = self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.r if n not in self._restore]
+        if not names:
+            return result
+        rt = self._runtime
+        gates = rt.gate_rows(x.detach())
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        for name in names:
+            gate = gates[:, rt.slots[name]].view(shape)
+            result = lora_linear_gated(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                                       self.scaling[name], gate)
+            if self.lora_bias[name]:
+                result = result + self._scaled_bias(name, result.dtype) * gate.to(result.dtype)
         return result
 
     def _scaled_bias(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -107,6 +107,8 @@ class PromptEmbedding(nn.Module):
 
     def _output_post_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                           output: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return None  # compiled graphs take the plain path (the prompt pass needs a ContextVar): none pending
         embeds = kwargs.get("inputs_embeds")
         entry = self._pending.pop(id(embeds), None) if embeds is not None else None
         if entry is None or entry[0]() is not embeds:

@@ -161,7 +161,8 @@ class PromptTuningPlugin:
     @hookimpl
     def prepare_inputs(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig, store: nn.ModuleDict,
                        inputs: dict[str, Any]) -> dict[str, Any] | None:
-        if _IN_PROMPT_PASS.get():
+        # (a compiled graph never runs the prompt pass, see _shared_prompt_inputs, and cannot read a ContextVar)
+        if not torch.compiler.is_compiling() and _IN_PROMPT_PASS.get():
             return None
         module: PromptEmbedding = store[adapter_name]
         check_virtual_token_call(module, store, module._runtime, "prompt-tuning")
@@ -204,7 +205,8 @@ def _prompt_inputs(model: nn.Module, module: PromptEmbedding, config: PromptTuni
         cache = None
     past = cached_length(cache)
     first = past == 0  # the prompt is not in the cache yet: it enters with this call's tokens
-    if first and module._output_hook is not None:
+    # compiled graphs take the plain path: the prompt pass flags itself in a ContextVar, which Dynamo cannot trace
+    if first and not torch.compiler.is_compiling() and module._output_hook is not None:
         shared = _shared_prompt_inputs(model, module, inputs, cache)
         if shared is not None:
             return shared
