@@ -292,3 +292,41 @@ def test_layers_to_transform_matches_peft_and_config_checks():
         VeraConfig(r=0)
     with pytest.raises(ConfigError, match="bias"):
         VeraConfig(bias="lora_only")
+
+
+def test_two_adapter_folders_load_both_ways(tmp_path):
+    torch.manual_seed(5)
+    kw = {"task_type": "CAUSAL_LM", "r": 8, "init_weights": False}
+    ref = peft.get_peft_model(MODELS["llama"](), peft.VeraConfig(target_modules=["q_proj", "down_proj"], **kw))
+    ref.add_adapter("b", peft.VeraConfig(target_modules=["v_proj"], **kw))
+    ref.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "theirs", low_cpu_mem_usage=True)
+    ours.load_adapter(tmp_path / "theirs" / "b", adapter_name="b")
+    for name in ("default", "b"):
+        ref.set_adapter(name)
+        ours.set_adapter(name)
+        assert torch.allclose(_logits(ours, "llama"), _logits(ref, "llama"), atol=1e-5), name
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "ours")
+    back.load_adapter(tmp_path / "ours" / "b", adapter_name="b")
+    back.set_adapter("b")
+    assert torch.allclose(_logits(back, "llama"), _logits(ours, "llama"), atol=1e-5)
+
+
+def test_composes_with_lora_on_other_modules_and_refuses_its_layers():
+    from peft_core import LoraConfig
+
+    model = get_peft_model(MODELS["llama"](), LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    lora_only = _logits(model, "llama")
+    model.add_adapter("v", VeraConfig(r=8, target_modules=["q_proj"], init_weights=False))
+    model.set_adapter(["default", "v"])
+    both = _logits(model, "llama")
+    assert not torch.allclose(both, lora_only, atol=1e-4)
+    before = clone_state(model)
+    with pytest.raises(TargetError, match=r"k_proj.*another method"):
+        model.add_adapter("v2", VeraConfig(r=8, target_modules=["k_proj"]))
+    assert state_equal(clone_state(model), before) and "v2" not in model.peft_config
+    model.merge_adapter()
+    assert torch.allclose(_logits(model, "llama"), both, atol=1e-5)
+    model.unmerge_adapter()
+    assert state_equal(clone_state(model), before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 import attrs
@@ -85,8 +84,3 @@ class VeraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("VeraConfig.layers_pattern only has a meaning with layers_to_transform (PEFT refuses "
                               "it too); set layers_to_transform, or drop layers_pattern")
-        if not self.save_projection:
-            # the same caution PEFT gives: the file will not hold the projections
-            warnings.warn("VeraConfig(save_projection=False): vera_A and vera_B are not written to the adapter "
-                          "file; loading draws them again from projection_prng_key, which relies on torch's CPU "
-                          "generator giving the same numbers on the loading machine", UserWarning, stacklevel=3)

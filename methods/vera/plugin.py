@@ -89,6 +89,11 @@ class VeraPlugin:
     def inject(self, model: nn.Module, adapter_name: str, config: VeraConfig, runtime: AdapterRuntime,
                store: nn.ModuleDict) -> list[str]:
         paths = find_targets(model, config)
+        if not config.save_projection:  # the same caution PEFT gives, once per adapter rather than per config copy
+            warnings.warn(f"VeRA adapter {adapter_name!r} has save_projection=False: vera_A and vera_B are not "
+                          "written to its file, and loading draws them again from projection_prng_key, which relies "
+                          "on torch's CPU generator giving the same numbers on the loading machine", UserWarning,
+                          stacklevel=2)
         others = [(n, m) for n, m in store.items() if isinstance(m, VeraProjections)]
         if others:
             projections = self._shared_with(others, config, model, paths)
