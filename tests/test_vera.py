@@ -330,3 +330,27 @@ def test_composes_with_lora_on_other_modules_and_refuses_its_layers():
     assert torch.allclose(_logits(model, "llama"), both, atol=1e-5)
     model.unmerge_adapter()
     assert state_equal(clone_state(model), before)
+
+
+def test_composes_with_prompt_tuning():
+    from peft_core import PromptTuningConfig
+
+    model = get_peft_model(MODELS["llama"](), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    prompt_only = _logits(model, "llama")
+    model.add_adapter("v", VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj"], init_weights=False))
+    model.set_adapter(["default", "v"])
+    both = _logits(model, "llama")
+    assert both.shape == prompt_only.shape and not torch.allclose(both, prompt_only, atol=1e-4)
+    model.set_adapter("v")
+    assert _logits(model, "llama").shape[1] == prompt_only.shape[1] - 3  # no virtual tokens without the prompt
+
+
+@pytest.mark.parametrize(("name", "targets"), [("llama", "all-linear"), ("gpt2", "all-linear"),
+                                               ("t5", r".*\.(q|k)$")])
+def test_projection_sizes_follow_the_targets_like_peft(name, targets):
+    ref = peft.get_peft_model(MODELS[name](), peft.VeraConfig(task_type=TASK[name], r=8, target_modules=targets))
+    ours = get_peft_model(MODELS[name](), VeraConfig(task_type=TASK[name], r=8, target_modules=targets))
+    theirs_sd, ours_sd = peft.get_peft_model_state_dict(ref), ours.get_adapter_state_dict("default")
+    assert set(ours_sd) == set(theirs_sd)
+    for key in ("base_model.vera_A", "base_model.vera_B"):
+        assert torch.equal(ours_sd[key], theirs_sd[key]), key
