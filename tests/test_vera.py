@@ -172,9 +172,10 @@ def test_several_adapters_match_peft_and_disable_gives_base():
     ({"r": 16}, "r=8"),
     ({"r": 4}, "r=8"),
     ({"target_modules": ["down_proj"]}, "input features"),
+    ({"bias": "all"}, "only one VeRA adapter"),
 ])
 def test_later_adapter_that_cannot_share_the_projections_is_refused(kw, match):
-    _, ours = _pair("llama", target_modules=["q_proj"])
+    _, ours = _pair("llama", target_modules=["q_proj"], bias="vera_only")
     before = clone_state(ours)
     tree = [(n, type(m).__name__) for n, m in ours.named_modules()]
     with pytest.raises((AdapterError, TargetError), match=match):
@@ -246,14 +247,20 @@ def test_bf16_model_and_autocast_match_peft_loosely():
 
 
 def test_dropout_acts_in_training_only():
-    _, ours = _pair("llama", vera_dropout=0.5)
-    ours.eval()
-    assert torch.equal(_logits(ours, "llama"), _logits(ours, "llama"))
+    ref, ours = _pair("llama", vera_dropout=0.5)
+    ref.eval()  # PEFT's new dropout modules start in training mode even in an eval-mode model; ours follow the model
+    assert torch.allclose(_logits(ours, "llama"), _logits(ref, "llama"), atol=1e-5)  # eval: no dropout, as PEFT
     ours.train()
     torch.manual_seed(0)
     first = _logits(ours, "llama")
     torch.manual_seed(1)
     assert not torch.allclose(first, _logits(ours, "llama"))
+    _, dropped = _pair("llama", vera_dropout=1.0)  # every input of the branch dropped: the base output
+    dropped.train()
+    base = MODELS["llama"]().train()
+    assert torch.equal(_logits(dropped, "llama"), _logits(base, "llama"))
+    dropped.eval()
+    assert not torch.allclose(_logits(dropped, "llama"), _logits(base, "llama"), atol=1e-3)
 
 
 @pytest.mark.parametrize("bias", ["vera_only", "all"])

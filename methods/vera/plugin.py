@@ -95,8 +95,12 @@ class VeraPlugin:
                           "on torch's CPU generator giving the same numbers on the loading machine", UserWarning,
                           stacklevel=2)
         others = [(n, m) for n, m in store.items() if isinstance(m, VeraProjections)]
+        biased = [(n, m.bias) for n, m in others if m.bias != "none"]
+        if biased and config.bias != "none":
+            raise AdapterError(f"VeRA: only one VeRA adapter of a model may train biases (as in PEFT); adapter "
+                               f"{biased[0][0]!r} already has bias={biased[0][1]!r}. Add this one with bias='none'")
         if others:
-            projections = self._shared_with(others, config, model, paths)
+            projections = self._shared_with(others, config)
         else:
             sizes = [_features(model.get_submodule(p)) for p in paths]
             vera_a, vera_b = draw_projections(config.r, max(i for i, _ in sizes), max(o for _, o in sizes),
@@ -104,7 +108,7 @@ class VeraPlugin:
             w = _base(model.get_submodule(paths[0])).weight
             device = torch.device("cpu") if w.is_meta else w.device  # the projections are data: never on meta
             projections = VeraProjections(vera_a.to(device), vera_b.to(device), config.projection_prng_key,
-                                          config.save_projection)
+                                          config.save_projection, config.bias)
         layers: dict[str, VeraLayer] = {}
         for path in paths:  # build and check every layer first: a failure leaves the model as it was
             module = model.get_submodule(path)
@@ -125,8 +129,7 @@ class VeraPlugin:
         return paths
 
     @staticmethod
-    def _shared_with(others: list[tuple[str, VeraProjections]], config: VeraConfig, model: nn.Module,
-                     paths: list[str]) -> VeraProjections:
+    def _shared_with(others: list[tuple[str, VeraProjections]], config: VeraConfig) -> VeraProjections:
         """A later adapter's projections: a copy of the first VeRA adapter's, after PEFT's checks."""
         first_name, first = others[0]
         keys = {m.prng_key for _, m in others}
@@ -143,7 +146,7 @@ class VeraPlugin:
             raise AdapterError(f"VeRA: every VeRA adapter of a model shares the rank of the first one's projections "
                                f"(r={first.r}, adapter {first_name!r}); the new adapter asks for r={config.r}. Use "
                                f"r={first.r}, or add the adapter with the larger r first")
-        return first.copy(config.save_projection)
+        return first.copy(config.save_projection, config.bias)
 
     @hookimpl
     def trained_base_parameters(self, model: nn.Module, config: VeraConfig) -> list[str] | None:

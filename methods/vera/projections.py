@@ -44,12 +44,15 @@ class VeraProjections(nn.Module):
     vera_A: torch.Tensor
     vera_B: torch.Tensor
 
-    def __init__(self, vera_a: torch.Tensor, vera_b: torch.Tensor, prng_key: int, save_projection: bool) -> None:
+    def __init__(self, vera_a: torch.Tensor, vera_b: torch.Tensor, prng_key: int, save_projection: bool,
+                 bias: str = "none") -> None:
         super().__init__()
         self.register_buffer("vera_A", vera_a)
         self.register_buffer("vera_B", vera_b)
+        # what PEFT requires the model's VeRA adapters to agree on, kept where a later adapter's inject sees it
         self.prng_key = prng_key
         self.save_projection = save_projection
+        self.bias = bias
 
     @property
     def r(self) -> int:
@@ -63,11 +66,11 @@ class VeraProjections(nn.Module):
     def max_out(self) -> int:
         return int(self.vera_B.shape[0])
 
-    def copy(self, save_projection: bool) -> VeraProjections:
+    def copy(self, save_projection: bool, bias: str = "none") -> VeraProjections:
         """A new adapter's own copy of these projections (PEFT gives a later adapter the first one's; a copy,
         so that loading the new adapter's file can never change another adapter's numbers)."""
         return VeraProjections(self.vera_A.detach().clone(), self.vera_B.detach().clone(), self.prng_key,
-                               save_projection)
+                               save_projection, bias)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, prng_key={self.prng_key}"
