@@ -361,3 +361,18 @@ def test_projection_sizes_follow_the_targets_like_peft(name, targets):
     assert set(ours_sd) == set(theirs_sd)
     for key in ("base_model.vera_A", "base_model.vera_B"):
         assert torch.equal(ours_sd[key], theirs_sd[key]), key
+
+
+def test_listed_under_peft_type_and_unload_restores_the_plain_model(capsys):
+    from peft_core.cli import main
+
+    assert main(["list-methods", "--json"]) == 0
+    methods = {m["method"]: m for m in json.loads(capsys.readouterr().out)["methods"]}
+    assert methods["VERA"]["mergeable"] in (True, "yes")
+    model = MODELS["gpt2"]()
+    before = clone_state(model)
+    _, ours = _pair("gpt2")
+    ours.merge_adapter()
+    plain = ours.unload()  # unmerges first: the original weights, bit for bit
+    assert state_equal(clone_state(plain), before)
+    assert not any("vera" in type(m).__name__.lower() for m in plain.modules())

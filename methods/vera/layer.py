@@ -92,7 +92,7 @@ class VeraLayer(nn.Module):
         return ()
 
     # ------------------------------------------------------------------ adapters
-    def check_add(self, adapter_name: str, projections: VeraProjections) -> str | None:
+    def check_add(self, projections: VeraProjections) -> str | None:
         """Why ``projections`` cannot serve this layer (too small), or None."""
         if projections.max_in < self.in_features:
             return f"vera_A has {projections.max_in} columns but {self.path!r} has {self.in_features} input features"

@@ -113,7 +113,7 @@ class VeraPlugin:
         for path in paths:  # build and check every layer first: a failure leaves the model as it was
             module = model.get_submodule(path)
             layer = module if isinstance(module, VeraLayer) else VeraLayer(module, runtime, path)
-            problem = layer.check_add(adapter_name, projections)
+            problem = layer.check_add(projections)
             if problem is not None:
                 raise TargetError(f"VeRA adapter {adapter_name!r}: {problem}; the projections of a model's VeRA "
                                   "adapters are sized by its first VeRA adapter's targets, so a later adapter may not "
