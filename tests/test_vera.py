@@ -99,6 +99,10 @@ def test_missing_projections_with_save_projection_true_is_refused(tmp_path):
         peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path)
     with pytest.raises(CheckpointError, match="save_projection=True"):
         PeftModel.from_pretrained(MODELS["llama"](), tmp_path)
+    _, ours = _pair("llama")
+    partial = {k: v for k, v in ours.state_dict().items() if not k.startswith("adapter_modules.")}
+    with pytest.raises(CheckpointError, match="save_projection=True"):  # PEFT raises a ValueError here too
+        ours.get_adapter_state_dict("default", partial)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

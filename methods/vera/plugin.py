@@ -162,9 +162,12 @@ class VeraPlugin:
                           state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = adapter_keys_to_disk(state_dict, adapter_name, _NAMES)
         if config.save_projection:
-            prefix = f"{STORE_PREFIX}{adapter_name}."
-            out[DISK_A] = state_dict[prefix + "vera_A"]
-            out[DISK_B] = state_dict[prefix + "vera_B"]
+            key_a, key_b = f"{STORE_PREFIX}{adapter_name}.vera_A", f"{STORE_PREFIX}{adapter_name}.vera_B"
+            if key_a not in state_dict or key_b not in state_dict:
+                raise CheckpointError(f"VeRA adapter {adapter_name!r} has save_projection=True, but the state dict "
+                                      f"being saved has no {key_a} / {key_b}; pass the whole model's state dict, or "
+                                      "use save_projection=False")
+            out[DISK_A], out[DISK_B] = state_dict[key_a], state_dict[key_b]
         if config.bias != "none":  # PEFT writes the trained biases under their base-model keys
             layer_paths = {p for p, _ in _layers(model, adapter_name)}
             for key, value in state_dict.items():
