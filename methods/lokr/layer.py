@@ -22,7 +22,7 @@ from peft_core.merging import RestoreToken, added_exactly, check_finite, restore
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
-__all__ = ["TENSOR_NAMES", "FactorPlan", "LoKrLayer", "factorization", "layer_kind", "plan_factors"]
+__all__ = ["TENSOR_NAMES", "FactorPlan", "LoKrLayer", "factorization", "kron", "layer_kind", "plan_factors"]
 
 #: The ParameterDict attributes (PEFT's names: the state-dict keys are PEFT's up to the adapter name).
 TENSOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -121,6 +121,19 @@ def plan_factors(base_layer: nn.Module, r: int, *, decompose_both: bool, decompo
     return FactorPlan(a, b, c, d, kernel, r, full_w1, full_w2, effective and not full_w2)
 
 
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.kron(a, b)``: the operand with fewer axes gets leading unit axes, then block ``i`` of the result is
+    ``a[i] * b``. Written out as one broadcast product because ``torch.kron`` fails ("view size is not
+    compatible") on an einsum result with a trailing unit axis, which the effective Conv1d and ``(k, 1)``
+    kernels produce (Hugging Face PEFT 0.21 raises there)."""
+    n = max(a.dim(), b.dim())
+    a = a.reshape((1,) * (n - a.dim()) + tuple(a.shape))
+    b = b.reshape((1,) * (n - b.dim()) + tuple(b.shape))
+    spread_a = [s for d in a.shape for s in (d, 1)]
+    spread_b = [s for d in b.shape for s in (1, d)]
+    return (a.reshape(spread_a) * b.reshape(spread_b)).reshape([x * y for x, y in zip(a.shape, b.shape)])
+
+
 def _kaiming(t: torch.Tensor) -> None:
     # the default init of nn.Linear (and PEFT's choice for every random LoKr factor)
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
@@ -207,7 +220,8 @@ class LoKrLayer(nn.Module):
     def drop(self, adapter_name: str) -> None:
         """Forget ``adapter_name`` (a merged one stays folded into the weight: merge_and_unload)."""
         for name in TENSOR_NAMES:
-            getattr(self, name).pop(adapter_name, None)
+            if adapter_name in getattr(self, name):
+                del getattr(self, name)[adapter_name]
         for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale,
                       self.module_dropout, self._merged):
             table.pop(adapter_name, None)
@@ -229,9 +243,9 @@ class LoKrLayer(nn.Module):
             w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
         if w2.dim() == 4:  # a conv w2 carries the kernel: w1 gets unit kernel axes so the product keeps it
             w1 = w1[:, :, None, None]
-        # torch.kron pads the lower-rank operand with leading axes (PEFT's full Conv1d w2 is 3-D against a 2-D w1);
+        # kron pads the lower-rank operand with leading axes (PEFT's full Conv1d w2 is 3-D against a 2-D w1);
         # whatever it gives is then read in the base weight's shape, which is how PEFT's files are meant
-        weight = (torch.kron(w1, w2.contiguous()) * self.scaling[adapter_name]).reshape(self.base_layer.weight.shape)
+        weight = (kron(w1, w2) * self.scaling[adapter_name]).reshape(self.base_layer.weight.shape)
         if rank_dropout:
             # drawn on the CPU generator, one number per output row, as PEFT does (a seeded forward matches it)
             keep = (torch.rand(weight.size(0)) > self.rank_dropout[adapter_name]).float()
