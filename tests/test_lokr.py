@@ -369,3 +369,47 @@ def test_kron_equals_torch_kron():
     for sa, sb in [((2, 3), (4, 5)), ((2, 3, 1, 1), (4, 5, 3, 3)), ((2, 3), (4, 5, 3)), ((1, 1), (3, 2))]:
         a, b = torch.randn(sa, generator=g), torch.randn(sb, generator=g)
         assert torch.equal(kron(a, b), torch.kron(a, b))
+
+
+def test_composes_with_lora_on_other_modules_like_peft_mixed_model():
+    from peft_core import LoraConfig
+
+    lora = {"r": 2, "target_modules": ["q_proj"], "init_lora_weights": False}
+    lokr = {"r": 2, "target_modules": ["v_proj", "down_proj"], "init_weights": False}
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(**lora), mixed=True)
+    ref.add_adapter("k", peft.LoKrConfig(**lokr))
+    ref.set_adapter(["default", "k"])
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(**lora))
+    ours.add_adapter("k", LoKrConfig(**lokr))
+    ours.set_adapter(["default", "k"])
+    theirs = {n[n.index("layers."):]: p for n, p in ref.named_parameters() if "lora_" in n or "lokr_" in n}
+    mine = {n[n.index("layers."):]: p for n, p in ours.named_parameters() if "lora_" in n or "lokr_" in n}
+    assert theirs.keys() == mine.keys() and any("lokr" in k for k in mine) and any("lora" in k for k in mine)
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(theirs[k])
+    expected = _logits(ref, "llama")
+    assert torch.allclose(_logits(ours, "llama"), expected, atol=1e-5)
+    with pytest.raises(TargetError, match="another method"):  # one layer, one method (LoRA holds q_proj)
+        ours.add_adapter("k2", LoKrConfig(target_modules=["q_proj"]))
+
+
+def test_composes_with_prompt_tuning():
+    """Prompt tuning acts on the inputs, LoKr on the weights: both active equals the prompt on the merged model."""
+    from peft_core import PromptTuningConfig
+
+    prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    lokr = LoKrConfig(task_type="CAUSAL_LM", init_weights=False, r=2)
+    ours = get_peft_model(MODELS["llama"](), prompt)
+    ours.add_adapter("k", lokr)
+    ours.set_adapter(["default", "k"])
+    both = _logits(ours, "llama")
+    lokr_only = get_peft_model(MODELS["llama"](), lokr)
+    lokr_only.load_adapter_state_dict("default", ours.get_adapter_state_dict("k"))
+    merged = lokr_only.merge_and_unload()
+    alone = get_peft_model(merged, prompt)
+    alone.load_adapter_state_dict("default", ours.get_adapter_state_dict("default"))
+    assert torch.allclose(both, _logits(alone, "llama"), atol=1e-5)
+    ours.set_adapter("default")
+    assert (both - _logits(ours, "llama")).abs().max() > 1e-3
