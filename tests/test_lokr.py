@@ -413,3 +413,23 @@ def test_composes_with_prompt_tuning():
     assert torch.allclose(both, _logits(alone, "llama"), atol=1e-5)
     ours.set_adapter("default")
     assert (both - _logits(ours, "llama")).abs().max() > 1e-3
+
+
+def test_registered_under_peft_s_name_and_loads_lazily_without_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from peft_core import PeftConfig, get_registry
+    from peft_lokr import LoKrConfig as Direct
+
+    assert get_registry().config_class("LOKR") is Direct is LoKrConfig
+    listing = subprocess.run([sys.executable, "-m", "peft_core.cli", "list-methods"], capture_output=True, text=True,
+                             check=True).stdout
+    assert any(line.split()[:1] == ["LOKR"] for line in listing.splitlines())
+    ref, _ = _pair("llama", r=2, use_effective_conv2d=True)
+    ref.save_pretrained(tmp_path)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), LoKrConfig)
+    loaded = PeftModel.from_pretrained(MODELS["llama"](), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference_mode, as PEFT loads it
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert torch.allclose(_logits(loaded, "llama"), _logits(ref, "llama"), atol=1e-5)
