@@ -238,8 +238,13 @@ def test_bf16_model_gets_fp32_factors_and_exact_unmerge():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     before = clone_state(ours.base_model)
     ours.merge_adapter()
+    merged = clone_state(ours.base_model)
     ours.unmerge_adapter()
     assert state_equal(clone_state(ours.base_model), before)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the update is folded in fp32 whatever the context
+        ours.merge_adapter()
+    assert state_equal(clone_state(ours.base_model), merged)
+    assert not state_equal(merged, before)
 
 
 def test_bad_targets_are_refused_naming_the_culprit_and_leave_the_model_untouched():

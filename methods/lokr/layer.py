@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import torch
 import torch.nn.functional as F
+from peft_core.amp import autocast_off
 from peft_core.errors import MergeError, TargetError
 from peft_core.merging import RestoreToken, added_exactly, check_finite, restore_exactly
 from peft_core.runtime import AdapterRuntime
@@ -284,12 +285,19 @@ class LoKrLayer(nn.Module):
     def _merge_where(self) -> str:
         return f"{self.path or 'this layer'}.weight"
 
+    def _merge_delta(self, adapter_name: str) -> torch.Tensor:
+        """The update to fold in, in fp32: computed outside autocast (a merge under ``torch.autocast`` would
+        otherwise multiply the factors in bf16) and outside autograd."""
+        w = self.base_layer.weight
+        with torch.no_grad(), autocast_off(w.device.type):
+            return self.delta_weight(adapter_name).float()
+
     def check_merge(self, adapter_name: str) -> None:
         """``safe_merge``: MergeError if merging would put NaN/Inf into the weight (nothing is changed)."""
         if adapter_name not in self.r or adapter_name in self._merged:
             return
         w = self.base_layer.weight
-        new = w.detach().float() + self.delta_weight(adapter_name).detach().float().to(w.device)
+        new = w.detach().float() + self._merge_delta(adapter_name).to(w.device)
         check_finite(new.to(w.dtype), adapter_name, self._merge_where())
 
     def merge(self, adapter_name: str, safe: bool = False) -> None:
@@ -300,10 +308,8 @@ class LoKrLayer(nn.Module):
         if w.is_meta:
             raise MergeError(f"cannot merge LoKr adapter {adapter_name!r} into {self.path!r}: its weight is on the "
                              "meta device; load real weights first")
-        with torch.no_grad():
-            delta = self.delta_weight(adapter_name).float()
-        self._merged[adapter_name] = added_exactly(w, delta, safe=safe, adapter_name=adapter_name,
-                                                   where=self._merge_where())
+        self._merged[adapter_name] = added_exactly(w, self._merge_delta(adapter_name), safe=safe,
+                                                   adapter_name=adapter_name, where=self._merge_where())
 
     def unmerge(self, adapter_name: str) -> None:
         """Put the base weight back bit for bit (the core unmerges newest first)."""
