@@ -154,9 +154,10 @@ def test_training_lowers_loss_and_keeps_base_bits():
     assert state_equal(now, base)
 
 
-@pytest.mark.parametrize("scale", [False, True])
-def test_dropout_in_training_matches_peft_draw_for_draw_and_is_off_in_eval(scale):
-    kw = {"module_dropout": 0.5, "rank_dropout": 0.5, "rank_dropout_scale": scale, "r": 2}
+# module_dropout=0: PEFT still draws its number per layer, and the rank-dropout rows that follow depend on it
+@pytest.mark.parametrize(("module", "scale"), [(0.5, False), (0.5, True), (0.0, False)])
+def test_dropout_in_training_matches_peft_draw_for_draw_and_is_off_in_eval(module, scale):
+    kw = {"module_dropout": module, "rank_dropout": 0.5, "rank_dropout_scale": scale, "r": 2}
     ref, ours = _pair("llama", **kw)
     assert not ours.get_base_model().model.layers[0].self_attn.q_proj.training  # ours follow the model's mode;
     ref.eval()  # PEFT's new layers start in training mode inside an eval model (dropout on until .eval())
