@@ -82,7 +82,7 @@ def test_gpt2_conv1d_is_refused_like_peft():
     assert not any("lokr" in n for n, _ in model.named_modules())
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("name", ["llama", "t5", "bert"])
 def test_merge_is_exact_and_unmerge_restores_bits(name):
     ref, ours = _pair(name, r=2, decompose_both=True)
     expected = _logits(ours, name)
@@ -113,11 +113,13 @@ def test_safe_merge_refuses_nan_and_changes_nothing():
     assert not ours.get_base_model().model.layers[0].self_attn.q_proj.merged_adapters
 
 
-def test_print_trainable_parameters_matches_peft(capsys):
-    kw = {"r": 2, "decompose_both": True, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    peft.get_peft_model(MODELS["llama"](), peft.LoKrConfig(task_type="CAUSAL_LM", **kw)).print_trainable_parameters()
+@pytest.mark.parametrize(("name", "kw"), [
+    ("llama", {"r": 2, "decompose_both": True, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    ("t5", {}), ("bert", {"r": 1})])  # bert: the classifier head is trained too (modules_to_save)
+def test_print_trainable_parameters_matches_peft(capsys, name, kw):
+    peft.get_peft_model(MODELS[name](), peft.LoKrConfig(task_type=TASK[name], **kw)).print_trainable_parameters()
     theirs = capsys.readouterr().out
-    get_peft_model(MODELS["llama"](), LoKrConfig(task_type="CAUSAL_LM", **kw)).print_trainable_parameters()
+    get_peft_model(MODELS[name](), LoKrConfig(task_type=TASK[name], **kw)).print_trainable_parameters()
     assert capsys.readouterr().out == theirs
     assert theirs.startswith("trainable params: ")
 
