@@ -352,8 +352,14 @@ def test_effective_conv_with_a_unit_kernel_axis_against_a_hand_computation():
 
     torch.manual_seed(0)
     net = nn.ModuleDict({"c1": nn.Conv1d(4, 6, 3, padding=1), "c2": nn.Conv2d(16, 8, (3, 1), groups=2)})
-    ours = get_peft_model(net, LoKrConfig(target_modules=["c1", "c2"], r=1, alpha=3, init_weights=False,
-                                          use_effective_conv2d=True))
+    kw = {"target_modules": ["c1", "c2"], "r": 1, "alpha": 3, "init_weights": False, "use_effective_conv2d": True}
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(_copy(net), peft.LoKrConfig(**kw))  # PEFT builds it (only its forward fails)
+    torch.manual_seed(1)
+    ours = get_peft_model(net, LoKrConfig(**kw))
+    theirs, mine = peft.get_peft_model_state_dict(ref), ours.get_adapter_state_dict("default")
+    assert any("lokr_t2" in k for k in theirs) and theirs.keys() == mine.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)  # PEFT's file for it is ours
     x1, x2 = torch.randn(2, 4, 9), torch.randn(2, 16, 5, 5)
     for name, x, conv in (("c1", x1, F.conv1d), ("c2", x2, F.conv2d)):
         layer = getattr(ours.get_base_model(), name)
