@@ -56,7 +56,7 @@ def test_logits_files_and_config_match_peft(name, kw, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     theirs_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert ours_cfg["peft_type"] == "LOKR"
+    assert ours_cfg["peft_type"] == "LOKR" and set(ours_cfg) == set(theirs_cfg)
     for key in set(theirs_cfg) - {"peft_version", "auto_mapping", "inference_mode"}:
         if key == "target_modules" and ours_cfg[key] == "all-linear":  # PEFT writes what it expanded it to
             adapted = [p for p, m in ours.get_base_model().named_modules() if hasattr(m, "lokr_w1")]
