@@ -74,3 +74,123 @@ def test_merge_matches_and_unmerge_restores_bits(name):
     merged = ours.merge_and_unload()
     assert not any("hada_" in n for n, _ in merged.named_parameters())
     assert _diff(_logits(merged, name), _logits(theirs.merge_and_unload(), name)) <= TOL
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_seeded_init_is_peft_s_and_init_weights_true_is_the_identity(init_weights):
+    models = MODELS["llama"](), MODELS["llama"]()
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(models[0], peft.LoHaConfig(task_type="CAUSAL_LM", r=4, init_weights=init_weights))
+    torch.manual_seed(5)
+    ours = get_peft_model(models[1], LoHaConfig(task_type="CAUSAL_LM", r=4, init_weights=init_weights))
+    mine, ref = ours.get_adapter_state_dict("default"), peft.get_peft_model_state_dict(theirs)
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in mine)
+    w2_b = [v for k, v in mine.items() if k.endswith("hada_w2_b")]
+    assert all(bool((v == 0).all()) == init_weights for v in w2_b)
+    assert all(float(v.abs().max()) > 0 for k, v in mine.items() if not k.endswith("hada_w2_b"))
+    if init_weights:  # dW = 0 exactly: the base model's logits, bit for bit
+        assert torch.equal(_logits(ours, "llama"), _logits(MODELS["llama"](), "llama"))
+
+
+def _train_outputs(model: nn.Module, seed: int = 7, prefix: str = "base_model."):
+    x = model_inputs("llama")
+    torch.manual_seed(seed)
+    out = model(**x, labels=x["input_ids"])
+    out.loss.backward()
+    grads = {n.removeprefix(prefix): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def test_dropouts_draw_like_peft_in_training_and_do_nothing_in_eval():
+    kw = {"rank_dropout": 0.5, "module_dropout": 0.5}
+    ours, theirs = _pair("llama", **kw)
+    plain, _ = _pair("llama")
+    copy_adapter_weights(theirs, plain)
+    # eval: neither dropout acts (the same logits as without them)
+    assert torch.equal(_logits(ours, "llama"), _logits(plain, "llama"))
+    ours.train(), theirs.train()
+    # training: PEFT's draws (torch.rand(1) per adapter and layer, then one per output row) in PEFT's order
+    lo, go = _train_outputs(ours)
+    lt, gt = _train_outputs(theirs, prefix="base_model.model.")
+    assert _diff(lo, lt) <= TOL
+    assert go.keys() == gt.keys() and 0 < len(go) < 16  # module dropout skipped some layers alike
+    assert all(_diff(go[k], gt[k]) <= TOL for k in go)
+    # and they do act: another seed gives another loss, and module_dropout=1 skips every adapter
+    assert _diff(_train_outputs(ours, seed=8)[0], lo) > 1e-6
+    skipped, _ = _pair("llama", module_dropout=1.0)
+    base = MODELS["llama"]()
+    skipped.train(), base.train()
+    x = model_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(skipped(**x).logits, base(**x).logits)
+
+
+def test_training_lowers_loss_and_keeps_base_bits():
+    ours = get_peft_model(MODELS["llama"](), LoHaConfig(task_type="CAUSAL_LM", r=4, rank_dropout=0.1))
+    base = {k: v for k, v in clone_state(ours.base_model).items() if "hada_" not in k}
+    x = model_inputs("llama")
+    ours.train()
+    opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=0.02)
+    losses = []
+    for _ in range(8):
+        loss = ours(**x, labels=x["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert state_equal({k: v for k, v in clone_state(ours.base_model).items() if "hada_" not in k}, base)
+
+
+def test_print_trainable_parameters_matches_peft(capsys):
+    cfg = {"task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj", "down_proj"],
+           "rank_pattern": {"down_proj": 2}}
+    peft.get_peft_model(MODELS["llama"](), peft.LoHaConfig(**cfg)).print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    get_peft_model(MODELS["llama"](), LoHaConfig(**cfg)).print_trainable_parameters()
+    assert capsys.readouterr().out == theirs
+
+
+def test_rank_and_alpha_patterns_match_peft():
+    ours, theirs = _pair("llama", target_modules=["q_proj", "v_proj", "down_proj"],
+                         rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 3},
+                         alpha_pattern={"q_proj": 3})
+    sd = ours.get_adapter_state_dict("default")
+    assert sd["base_model.model.model.layers.0.self_attn.v_proj.hada_w1_a"].shape == (16, 2)
+    assert sd["base_model.model.model.layers.1.mlp.down_proj.hada_w1_b"].shape == (3, 64)
+    assert sd["base_model.model.model.layers.0.mlp.down_proj.hada_w1_b"].shape == (4, 64)
+    layer = ours.base_model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 3 / 4
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+
+
+def test_several_adapters_match_peft_and_disable_gives_the_base():
+    ours, theirs = _pair("llama")
+    cfg = {"task_type": "CAUSAL_LM", "r": 2, "alpha": 5, "init_weights": False, "target_modules": ["k_proj", "q_proj"]}
+    theirs.add_adapter("b", peft.LoHaConfig(**cfg))
+    ours.add_adapter("b", LoHaConfig(**cfg))
+    copy_adapter_weights(theirs, ours, "b")
+    theirs.base_model.set_adapter(["default", "b"])
+    ours.set_adapter(["default", "b"])
+    both = _logits(ours, "llama")
+    assert _diff(both, _logits(theirs, "llama")) <= TOL
+    before = clone_state(ours.base_model)
+    ours.merge_adapter()
+    assert _diff(_logits(ours, "llama"), both) <= TOL
+    ours.unmerge_adapter()
+    ours.unmerge_adapter()
+    assert not ours.merged_adapters and state_equal(clone_state(ours.base_model), before)
+    base = _logits(MODELS["llama"](), "llama")
+    with ours.disable_adapter():
+        assert torch.equal(_logits(ours, "llama"), base)
+    ours.set_adapter("b")
+    theirs.set_adapter("b")
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+    ours.delete_adapter("default")
+    theirs.delete_adapter("default")
+    assert list(ours.peft_config) == ["b"] and ours.active_adapters == ["b"]
+    assert not any(".default" in n for n, _ in ours.named_parameters())
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+    ours.delete_adapter("b")
+    assert not any("hada_" in n for n, _ in ours.named_parameters())
+    assert torch.equal(_logits(ours, "llama"), base)
