@@ -8,8 +8,8 @@ import json
 import peft
 import pytest
 import torch
-from conftest import MODELS, clone_state, copy_adapter_weights, model_inputs, state_equal
-from peft_core import LoHaConfig, PeftModel, get_peft_model
+from conftest import MODELS, clone_state, copy_adapter_weights, model_inputs, module_tree, state_equal
+from peft_core import AdapterError, ConfigError, LoHaConfig, MergeError, PeftModel, TargetError, get_peft_model
 from torch import nn
 
 TASK = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
@@ -194,3 +194,120 @@ def test_several_adapters_match_peft_and_disable_gives_the_base():
     ours.delete_adapter("b")
     assert not any("hada_" in n for n, _ in ours.named_parameters())
     assert torch.equal(_logits(ours, "llama"), base)
+
+
+def test_mixed_batches_are_refused_as_peft_has_none():
+    ours, _ = _pair("llama")
+    expected = _logits(ours, "llama")
+    # PEFT 0.21 silently applies the active adapter to every row, "__base__" rows included; we refuse instead
+    with pytest.raises(AdapterError, match="q_proj"):
+        ours(**model_inputs("llama"), adapter_names=["default", "__base__"])
+    assert torch.equal(_logits(ours, "llama"), expected)  # and the model is as it was
+
+
+def test_gpt2_is_refused_like_peft_and_bad_targets_leave_the_model_untouched():
+    with pytest.raises(TypeError, match="Conv1D"):  # PEFT 0.21 has no LoHa layer for GPT-2's Conv1D
+        peft.get_peft_model(MODELS["gpt2"](), peft.LoHaConfig(task_type="CAUSAL_LM"))
+    for name, cfg in [("gpt2", {}), ("gpt2", {"target_modules": "all-linear"}),
+                      ("llama", {"target_modules": ["embed_tokens"]}), ("llama", {"target_modules": ["nope"]})]:
+        model = MODELS[name]()
+        before, tree = clone_state(model), module_tree(model)
+        with pytest.raises(TargetError) as err:
+            get_peft_model(model, LoHaConfig(task_type="CAUSAL_LM", **cfg))
+        message = str(err.value)
+        culprit = {"gpt2": "Conv1D", "embed_tokens": "Embedding", "nope": "matched no module"}
+        assert culprit["gpt2" if name == "gpt2" else cfg["target_modules"][0]] in message
+        assert "exclude_modules" in message or "adaptable layers are named" in message  # says what to do
+        assert state_equal(clone_state(model), before) and module_tree(model) == tree
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        LoHaConfig(layers_pattern="layers")
+    with pytest.raises(ConfigError, match="r"):
+        LoHaConfig(r=0)
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        LoHaConfig(rank_pattern={"q_proj": 0})
+    with pytest.raises(ConfigError, match="module_dropout"):
+        LoHaConfig(module_dropout=1.5)
+    assert LoHaConfig(rank_dropout=0).rank_dropout == 0.0
+
+
+def test_bf16_model_and_autocast():
+    ours, theirs = _pair("llama")
+    ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    x = model_inputs("llama")
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= 0.05
+    # a bf16 base model gets float32 factors (autocast_adapter_dtype, as in PEFT), and merges exactly
+    fresh = get_peft_model(MODELS["llama"]().to(torch.bfloat16), LoHaConfig(task_type="CAUSAL_LM", init_weights=False))
+    assert all(p.dtype == torch.float32 for n, p in fresh.named_parameters() if "hada_" in n)
+    before = clone_state(fresh.base_model)
+    expected = _logits(fresh, "llama")
+    assert expected.dtype == torch.bfloat16
+    fresh.merge_adapter()
+    assert _diff(_logits(fresh, "llama"), expected) <= 0.05
+    fresh.unmerge_adapter()
+    assert state_equal(clone_state(fresh.base_model), before)
+    # autocast on a float32 model: a training step in bf16 with finite gradients, close to PEFT's
+    ours, theirs = _pair("llama")
+    for model in (ours, theirs):
+        model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lo = ours(**x, labels=x["input_ids"]).loss
+        lt = theirs(**x, labels=x["input_ids"]).loss
+    assert abs(float(lo) - float(lt)) <= 0.05
+    lo.backward()
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_safe_merge_refuses_nan_and_changes_nothing():
+    ours, _ = _pair("llama")
+    before = clone_state(ours.base_model)
+    with torch.no_grad():
+        ours.base_model.model.layers[1].self_attn.v_proj.hada_w1_a["default"][0, 0] = float("nan")
+    with pytest.raises(MergeError, match="NaN"):
+        ours.merge_adapter(safe_merge=True)
+    assert not ours.merged_adapters
+    after = clone_state(ours.base_model)
+    assert all(torch.equal(after[k], before[k]) for k in before if "hada_" not in k)
+
+
+class _Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2)
+        self.g2 = nn.Conv2d(6, 6, 3, groups=2, padding=1)
+        self.p2 = nn.Conv2d(6, 5, 1)
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        h = self.p2(self.g2(self.c2(x2))).mean((-1, -2))
+        return self.lin(h) + self.c1(x1).mean()
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_conv_layers_match_peft_and_merge_exactly(effective):
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, 4, 9), torch.randn(2, 4, 9, 9)
+    kw = {"r": 3, "alpha": 5, "init_weights": False, "use_effective_conv2d": effective,
+          "target_modules": ["c1", "c2", "g2", "p2", "lin"]}
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_Convs(), peft.LoHaConfig(**kw))
+    torch.manual_seed(1)
+    ours = get_peft_model(_Convs(), LoHaConfig(**kw))
+    sd = ours.get_adapter_state_dict("default")
+    ref = peft.get_peft_model_state_dict(theirs)
+    # same shapes (the Tucker cores only on kernels wider than 1) and, from the same seed, the same values
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref.items()}
+    assert all(torch.equal(sd[k], ref[k]) for k in sd)
+    assert any("hada_t1" in k for k in sd) == effective and not any("p2.hada_t1" in k for k in sd)
+    with torch.no_grad():
+        expected = theirs(x1, x2)
+        assert _diff(ours(x1, x2), expected) <= 1e-4
+        before = clone_state(ours.base_model)
+        ours.merge_adapter()
+        assert _diff(ours(x1, x2), expected) <= 1e-4
+        ours.unmerge_adapter()
+        assert state_equal(clone_state(ours.base_model), before)

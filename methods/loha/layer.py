@@ -209,7 +209,7 @@ class LoHaLayer(nn.Module):
             delta = delta * (keep / keep.mean())
         return delta
 
-    def _apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def _delta_output(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The base layer's operation with ``delta`` as its weight and no bias (the base output has the bias)."""
         if self.kind == "linear":
             return F.linear(x, delta)
@@ -233,7 +233,7 @@ class LoHaLayer(nn.Module):
             if training and not bool(torch.rand(1) > self.module_dropout[name]):
                 continue
             delta = self.delta_weight(name, rank_dropout=training and bool(self.rank_dropout[name]))
-            result = result + self._apply(x.to(delta.dtype), delta)
+            result = result + self._delta_output(x.to(delta.dtype), delta)
         return result.to(x.dtype)  # PEFT returns the input's dtype
 
     # ------------------------------------------------------------------ merging
