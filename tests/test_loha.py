@@ -9,7 +9,17 @@ import peft
 import pytest
 import torch
 from conftest import MODELS, clone_state, copy_adapter_weights, model_inputs, module_tree, state_equal
-from peft_core import AdapterError, ConfigError, LoHaConfig, MergeError, PeftModel, TargetError, get_peft_model
+from peft_core import (
+    AdapterError,
+    ConfigError,
+    LoHaConfig,
+    LoraConfig,
+    MergeError,
+    PeftModel,
+    PromptTuningConfig,
+    TargetError,
+    get_peft_model,
+)
 from torch import nn
 
 TASK = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
@@ -311,3 +321,35 @@ def test_conv_layers_match_peft_and_merge_exactly(effective):
         assert _diff(ours(x1, x2), expected) <= 1e-4
         ours.unmerge_adapter()
         assert state_equal(clone_state(ours.base_model), before)
+
+
+def _merged_peft_loha(ours, adapter: str, **kw) -> nn.Module:
+    """A fresh base with PEFT's LoHa holding our adapter's factors, merged in (PEFT's own merge)."""
+    ref = peft.get_peft_model(MODELS["llama"](), peft.LoHaConfig(task_type="CAUSAL_LM", **kw))
+    peft.set_peft_model_state_dict(ref, ours.get_adapter_state_dict(adapter))
+    return ref.merge_and_unload()
+
+
+def test_composes_with_lora_on_other_modules_and_with_prompt_tuning(tmp_path):
+    loha = {"r": 4, "alpha": 16, "init_weights": False}
+    lora = {"r": 2, "lora_alpha": 4, "target_modules": ["k_proj", "o_proj"], "init_lora_weights": False}
+    ours = get_peft_model(MODELS["llama"](), LoHaConfig(task_type="CAUSAL_LM", **loha))
+    ours.add_adapter("lora", LoraConfig(task_type="CAUSAL_LM", **lora))
+    ours.add_adapter("prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    # LoHa + LoRA: PEFT's LoHa merged into the base, then PEFT's LoRA with our LoRA weights on top
+    ours.set_adapter(["default", "lora"])
+    ref = peft.get_peft_model(_merged_peft_loha(ours, "default", **loha), peft.LoraConfig(task_type="CAUSAL_LM",
+                                                                                         **lora))
+    peft.set_peft_model_state_dict(ref, ours.get_adapter_state_dict("lora"))
+    assert _diff(_logits(ours, "llama"), _logits(ref, "llama")) <= TOL
+    # LoHa + prompt tuning: the same, with PEFT's prompt tuning on the LoHa-merged base
+    ours.set_adapter(["default", "prompt"])
+    ref = peft.get_peft_model(_merged_peft_loha(ours, "default", **loha),
+                              peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    peft.set_peft_model_state_dict(ref, ours.get_adapter_state_dict("prompt"))
+    assert _diff(_logits(ours, "llama"), _logits(ref, "llama")) <= TOL
+    # LoHa on a module LoRA already wraps is refused, naming it, and the model is left as it was
+    tree = module_tree(ours)
+    with pytest.raises(TargetError, match=r"k_proj.*another method"):
+        ours.add_adapter("clash", LoHaConfig(task_type="CAUSAL_LM", target_modules=["k_proj"]))
+    assert module_tree(ours) == tree and "clash" not in ours.peft_config
