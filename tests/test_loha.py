@@ -353,3 +353,17 @@ def test_composes_with_lora_on_other_modules_and_with_prompt_tuning(tmp_path):
     with pytest.raises(TargetError, match=r"k_proj.*another method"):
         ours.add_adapter("clash", LoHaConfig(task_type="CAUSAL_LM", target_modules=["k_proj"]))
     assert module_tree(ours) == tree and "clash" not in ours.peft_config
+
+
+def test_conv_update_uses_the_base_padding_mode_so_merged_equals_unmerged():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    x = torch.randn(2, 3, 6, 6)
+    ours = get_peft_model(net, LoHaConfig(r=2, alpha=4, init_weights=False, target_modules=["0"]))
+    layer = ours.base_model[0]
+    with torch.no_grad():
+        by_hand = layer.base_layer._conv_forward(x, layer.base_layer.weight + layer.delta_weight("default"),
+                                                 layer.base_layer.bias)
+        unmerged = ours(x)
+        ours.merge_adapter()
+        assert _diff(ours(x), unmerged) <= 1e-5 and _diff(unmerged, by_hand) <= 1e-5
