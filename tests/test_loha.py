@@ -71,7 +71,7 @@ def test_logits_files_and_config_match_peft(name, tmp_path):
     assert _diff(_logits(back, name), _logits(ours, name)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["llama", "t5"])
+@pytest.mark.parametrize("name", list(TASK))
 def test_merge_matches_and_unmerge_restores_bits(name):
     ours, theirs = _pair(name)
     before = clone_state(ours.base_model)
@@ -152,13 +152,15 @@ def test_training_lowers_loss_and_keeps_base_bits():
     assert state_equal({k: v for k, v in clone_state(ours.base_model).items() if "hada_" not in k}, base)
 
 
-def test_print_trainable_parameters_matches_peft(capsys):
-    cfg = {"task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj", "down_proj"],
-           "rank_pattern": {"down_proj": 2}}
-    peft.get_peft_model(MODELS["llama"](), peft.LoHaConfig(**cfg)).print_trainable_parameters()
+@pytest.mark.parametrize("name", list(TASK))
+def test_print_trainable_parameters_matches_peft(name, capsys):
+    cfg = {"task_type": TASK[name], "r": 4}
+    if name == "llama":
+        cfg.update(target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2})
+    peft.get_peft_model(MODELS[name](), peft.LoHaConfig(**cfg)).print_trainable_parameters()
     theirs = capsys.readouterr().out
-    get_peft_model(MODELS["llama"](), LoHaConfig(**cfg)).print_trainable_parameters()
-    assert capsys.readouterr().out == theirs
+    get_peft_model(MODELS[name](), LoHaConfig(**cfg)).print_trainable_parameters()
+    assert capsys.readouterr().out == theirs and theirs.startswith("trainable params: ")
 
 
 def test_rank_and_alpha_patterns_match_peft():
@@ -367,3 +369,17 @@ def test_conv_update_uses_the_base_padding_mode_so_merged_equals_unmerged():
         unmerged = ours(x)
         ours.merge_adapter()
         assert _diff(ours(x), unmerged) <= 1e-5 and _diff(unmerged, by_hand) <= 1e-5
+
+
+def test_low_cpu_mem_usage_and_trainable_loads(tmp_path):
+    ours, _ = _pair("llama")
+    ours.save_pretrained(tmp_path)
+    expected = _logits(ours, "llama")
+    lazy = PeftModel.from_pretrained(MODELS["llama"](), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(_logits(lazy, "llama"), expected)
+    assert not any(p.requires_grad for p in lazy.parameters())  # inference by default, as PEFT
+    trainable = PeftModel.from_pretrained(MODELS["llama"](), tmp_path, is_trainable=True)
+    names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert names and all(".hada_w" in n for n in names)
+    empty = get_peft_model(MODELS["llama"](), LoHaConfig(task_type="CAUSAL_LM"), low_cpu_mem_usage=True)
+    assert all(p.is_meta for n, p in empty.named_parameters() if "hada_" in n)
