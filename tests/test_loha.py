@@ -383,3 +383,19 @@ def test_low_cpu_mem_usage_and_trainable_loads(tmp_path):
     assert names and all(".hada_w" in n for n in names)
     empty = get_peft_model(MODELS["llama"](), LoHaConfig(task_type="CAUSAL_LM"), low_cpu_mem_usage=True)
     assert all(p.is_meta for n, p in empty.named_parameters() if "hada_" in n)
+
+
+def test_deleting_an_older_merged_adapter_keeps_the_newer_merged_and_unload_gives_the_base():
+    ours, _ = _pair("llama")
+    ours.add_adapter("b", LoHaConfig(task_type="CAUSAL_LM", r=2, init_weights=False))
+    ours.set_adapter(["default", "b"])
+    base = clone_state(MODELS["llama"]())
+    q = ours.base_model.model.layers[0].self_attn.q_proj
+    only_b = (q.base_layer.weight.detach().float() + q.delta_weight("b").detach()).to(q.weight.dtype)
+    ours.merge_adapter()
+    assert ours.merged_adapters == ["default", "b"]
+    ours.delete_adapter("default")  # merged before b: b is taken out, default unmerged, b merged again
+    assert ours.merged_adapters == ["b"]
+    assert torch.equal(q.base_layer.weight, only_b)
+    plain = ours.unload()  # unmerges first: the original bits
+    assert state_equal(clone_state(plain), base)
