@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft_core.amp import autocast_off
-from peft_core.errors import AdapterError, MergeError, TargetError
+from peft_core.errors import AdapterError, ConfigError, MergeError, TargetError
 from peft_core.merging import RestoreToken, added_exactly, check_finite, restore_exactly
 from peft_core.runtime import AdapterRuntime
 from torch import nn
@@ -146,29 +146,27 @@ class LoHaLayer(nn.Module):
         """Create ``adapter_name``'s factors (PEFT's shapes and init: Kaiming-uniform, ``w2_b`` zeros when
         ``init_weights`` so that dW starts at 0)."""
         if r <= 0:
-            raise TargetError(f"LoHa rank for {self.path!r} must be a positive integer, got {r}")
+            raise ConfigError(f"LoHa rank for {self.path!r} must be a positive integer, got {r}")
         # a 1-wide kernel has nothing to decompose: PEFT flattens it like a linear layer
         effective = (use_effective_conv2d and self.kind != "linear"
                      and math.prod(self.base_layer.kernel_size) != 1)
         w = self.base_layer.weight
-        shapes = self._shapes(r, effective)
-        # Drawn in float32 and cast to the weight's dtype afterwards, in PEFT's order (w1_a, w1_b, w2_a, w2_b,
-        # then the cores): with the same seed an adapter starts with the same values as PEFT's.
-        made = {n: torch.empty(s, dtype=torch.float32, device=w.device) for n, s in shapes.items()}
-        if not w.is_meta:
-            with torch.no_grad():
-                order = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"]
-                for n in order:
-                    if n not in made:
-                        continue
-                    if n == "hada_w2_b" and init_weights:
-                        nn.init.zeros_(made[n])
-                    else:
-                        nn.init.kaiming_uniform_(made[n], a=math.sqrt(5))
         dtype = w.dtype if w.is_floating_point() else torch.float32
+        # Drawn in float32 on the CPU generator, in PEFT's order (w1_a, w1_b, w2_a, w2_b, then the cores; which is
+        # TENSOR_NAMES' order), then moved to the weight's device and dtype, as PEFT does: with the same seed an
+        # adapter starts with PEFT's values wherever the model lives. On the meta device nothing is drawn.
+        home = w.device if w.is_meta else torch.device("cpu")
+        shapes = self._shapes(r, effective)
         for n in TENSOR_NAMES:
-            if n in made:
-                getattr(self, n)[adapter_name] = nn.Parameter(made[n].to(dtype))
+            if n not in shapes:
+                continue
+            t = torch.empty(shapes[n], dtype=torch.float32, device=home)
+            if not w.is_meta:
+                if n == "hada_w2_b" and init_weights:
+                    nn.init.zeros_(t)
+                else:
+                    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            getattr(self, n)[adapter_name] = nn.Parameter(t.to(device=w.device, dtype=dtype))
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / r
