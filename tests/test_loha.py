@@ -1,5 +1,6 @@
 """The built-in LoHa plugin against Hugging Face PEFT 0.21 (an oracle only): logits, seeded init and training
-forwards, files both ways, merging, several adapters, dtypes, dropout options and the refusals."""
+forwards, files both ways, merging, several adapters, composition, dtypes, dropout options, convs, and the refusals
+(GPT-2's Conv1D, which PEFT's LoHa refuses too; mixed batches, which PEFT's LoHa ignores)."""
 
 from __future__ import annotations
 
@@ -304,7 +305,7 @@ def test_conv_layers_match_peft_and_merge_exactly(effective):
     torch.manual_seed(0)
     x1, x2 = torch.randn(2, 4, 9), torch.randn(2, 4, 9, 9)
     kw = {"r": 3, "alpha": 5, "init_weights": False, "use_effective_conv2d": effective,
-          "target_modules": ["c1", "c2", "g2", "p2", "lin"]}
+          "target_modules": ["c1", "c2", "g2", "p2", "lin"], "rank_dropout": 0.3, "module_dropout": 0.2}
     torch.manual_seed(1)
     theirs = peft.get_peft_model(_Convs(), peft.LoHaConfig(**kw))
     torch.manual_seed(1)
@@ -315,6 +316,7 @@ def test_conv_layers_match_peft_and_merge_exactly(effective):
     assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref.items()}
     assert all(torch.equal(sd[k], ref[k]) for k in sd)
     assert any("hada_t1" in k for k in sd) == effective and not any("p2.hada_t1" in k for k in sd)
+    ours.eval(), theirs.eval()  # a fresh nn.Module is in training mode, where the dropouts act
     with torch.no_grad():
         expected = theirs(x1, x2)
         assert _diff(ours(x1, x2), expected) <= 1e-4
@@ -323,6 +325,15 @@ def test_conv_layers_match_peft_and_merge_exactly(effective):
         assert _diff(ours(x1, x2), expected) <= 1e-4
         ours.unmerge_adapter()
         assert state_equal(clone_state(ours.base_model), before)
+        # training: the dropout masks (rows of the 4-D and 3-D kernels too) are drawn as PEFT draws them
+        ours.train(), theirs.train()
+        draws = []
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            draws.append(ours(x1, x2))
+            torch.manual_seed(seed)
+            assert _diff(draws[-1], theirs(x1, x2)) <= 1e-4
+        assert _diff(draws[0], draws[1]) > 1e-3  # the masks did act
 
 
 def _merged_peft_loha(ours, adapter: str, **kw) -> nn.Module:
