@@ -20,6 +20,7 @@ from peft_core import (
     PromptTuningConfig,
     TargetError,
     get_peft_model,
+    get_registry,
 )
 from torch import nn
 
@@ -410,3 +411,23 @@ def test_deleting_an_older_merged_adapter_keeps_the_newer_merged_and_unload_give
     assert torch.equal(q.base_layer.weight, only_b)
     plain = ours.unload()  # unmerges first: the original bits
     assert state_equal(clone_state(plain), base)
+
+
+def test_all_linear_files_load_both_ways(tmp_path):
+    """PEFT writes the resolved module paths for "all-linear"; we write "all-linear" itself (as peft-core's LoRA
+    does): either library reads either file."""
+    ours, theirs = _pair("llama", target_modules="all-linear")
+    assert len(ours.get_adapter_state_dict("default")) == 4 * 14  # every linear layer but lm_head
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "ours")
+    assert _diff(_logits(back, "llama"), _logits(ours, "llama")) <= TOL
+    loaded = PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "theirs")
+    assert _diff(_logits(loaded, "llama"), _logits(theirs, "llama")) <= TOL
+
+
+def test_the_method_is_declared_under_peft_s_name():
+    specs = {spec.name: spec for spec, _ in get_registry().methods()}
+    assert specs["LOHA"].config_cls is LoHaConfig and specs["LOHA"].mergeable
+    assert LoHaConfig.peft_type == "LOHA" and LoHaConfig().to_dict()["peft_type"] == "LOHA"
