@@ -431,3 +431,13 @@ def test_the_method_is_declared_under_peft_s_name():
     specs = {spec.name: spec for spec, _ in get_registry().methods()}
     assert specs["LOHA"].config_cls is LoHaConfig and specs["LOHA"].mergeable
     assert LoHaConfig.peft_type == "LOHA" and LoHaConfig().to_dict()["peft_type"] == "LOHA"
+
+
+def test_layers_to_transform_and_exclude_modules_select_what_peft_selects():
+    ours, theirs = _pair("llama", target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
+                         layers_pattern="layers", exclude_modules=["model.layers.1.mlp.up_proj"])
+    keys = set(ours.get_adapter_state_dict("default"))
+    assert keys == set(peft.get_peft_model_state_dict(theirs))
+    assert {k.split(".hada_")[0] for k in keys} == {"base_model.model.model.layers.1.self_attn.q_proj",
+                                                    "base_model.model.model.layers.1.self_attn.v_proj"}
+    assert _diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
