@@ -1,0 +1,169 @@
+"""The built-in OFT plugin against Hugging Face PEFT 0.21 (an oracle only): logits with every rotation option,
+files both ways, merging (exact unmerge), several adapters, training, counts, dtypes and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from conftest import MODELS, clone_state, max_diff, model_inputs, state_equal
+from peft_core import AdapterError, ConfigError, OFTConfig, PeftModel, TargetError, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
+# GPT-2's attention and MLP are transformers Conv1D layers, which PEFT's OFT refuses: its position embedding
+# (an nn.Embedding that is not tied to the output layer) is what both libraries can rotate there
+TARGETS = {"gpt2": ["wpe"]}
+TOL = 1e-5
+
+
+def _logits(model: nn.Module, name: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**model_inputs(name)).logits
+
+
+def _kw(name: str, **kw) -> dict:
+    kw.setdefault("oft_block_size", 8)
+    if name in TARGETS:
+        kw.setdefault("target_modules", TARGETS[name])
+    return {"task_type": TASK[name], **kw}
+
+
+def _copy(theirs: nn.Module, ours: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    sd = peft.get_peft_model_state_dict(theirs, adapter_name=adapter)
+    ours.load_adapter_state_dict(adapter, {k: v.clone() for k, v in sd.items()})
+    return sd
+
+
+def _pair(name: str, **kw):
+    """PEFT's model with random (non-identity) rotations, and ours holding the same tensors."""
+    kw = _kw(name, **kw)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(MODELS[name](), peft.OFTConfig(init_weights=False, **kw))
+    with torch.no_grad():  # larger angles than PEFT's N(0, 0.1) test init, so that every model's logits move
+        for n, p in theirs.named_parameters():
+            if "_R." in n:
+                p.normal_(0.0, 0.3)
+    ours = get_peft_model(MODELS[name](), OFTConfig(**kw))
+    _copy(theirs, ours)
+    return ours, theirs
+
+
+def _same_config(ours: dict, theirs: dict) -> None:
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if key in ("peft_version", "init_weights"):
+            continue
+        if key in ("target_modules", "exclude_modules") and isinstance(theirs[key], list):
+            assert set(ours[key]) == set(theirs[key]), key
+        else:
+            assert ours[key] == theirs[key], key
+
+
+# ---------------------------------------------------------------- same tensors, same outputs; files both ways
+@pytest.mark.parametrize("name", list(TASK))
+def test_logits_and_files_match_peft(name, tmp_path):
+    ours, theirs = _pair(name)
+    expected = _logits(theirs, name)
+    assert max_diff(_logits(ours, name), expected) <= TOL
+    with theirs.disable_adapter():
+        base = _logits(theirs, name)
+    assert max_diff(expected, base) > 10 * TOL  # the random rotations really change the output
+    with ours.disable_adapter():
+        assert max_diff(_logits(ours, name), base) == 0
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    # PEFT adds the base embedding weight of a targeted embedding (save_embedding_layers="auto"); peft-core
+    # never changes base weights, so it writes only the adapter's tensors
+    b = {k: v for k, v in b.items() if not k.endswith(".base_layer.weight")}
+    assert a.keys() == b.keys() and any(k.endswith("_R.weight") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_config(json.loads((tmp_path / "ours" / "adapter_config.json").read_text()),
+                 json.loads((tmp_path / "theirs" / "adapter_config.json").read_text()))
+    loaded = PeftModel.from_pretrained(MODELS[name](), tmp_path / "theirs")
+    assert max_diff(_logits(loaded, name), expected) <= TOL
+    back = peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours")
+    assert max_diff(_logits(back, name), expected) <= TOL
+
+
+@pytest.mark.parametrize("kw", [
+    {"use_cayley_neumann": False},
+    {"num_cayley_neumann_terms": 2},
+    {"num_cayley_neumann_terms": 8},
+    {"coft": True, "eps": 0.05},
+    {"block_share": True},
+    {"r": 4, "oft_block_size": 0},
+    {"oft_block_size": 12},  # does not divide 32 or 64: moved to the nearest divisor per layer, as PEFT
+    {"target_modules": ["embed_tokens", "q_proj", "down_proj"], "block_share": True},
+    {"target_modules": "all-linear", "bias": "oft_only"},
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_options_match_peft(kw):
+    ours, theirs = _pair("llama", **kw)
+    assert max_diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+    ours_sd = ours.get_adapter_state_dict("default")
+    theirs_sd = {k: v for k, v in peft.get_peft_model_state_dict(theirs).items()
+                 if not k.endswith(".base_layer.weight")}
+    assert ours_sd.keys() == theirs_sd.keys()
+    assert all(ours_sd[k].shape == theirs_sd[k].shape for k in ours_sd)
+
+
+def test_coft_projects_the_parameter_in_place_as_peft():
+    ours, theirs = _pair("llama", coft=True, eps=0.05)
+    _logits(ours, "llama"), _logits(theirs, "llama")
+    a = ours.get_adapter_state_dict("default")
+    b = peft.get_peft_model_state_dict(theirs)
+    key = next(iter(a))
+    assert max_diff(a[key], b[key]) <= 1e-7
+    # every block's skew matrix is inside the ball of radius eps / sqrt(blocks); N(0, 0.1) draws were outside
+    q = a[key]
+    assert float((2 * q.pow(2).sum(-1)).sqrt().max()) <= 0.05 / q.shape[0] ** 0.5 + 1e-6
+
+
+# ---------------------------------------------------------------- merging
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_merge_matches_forward_and_unmerge_restores_bits(name):
+    ours, _ = _pair(name, **({"target_modules": ["wpe"]} if name == "gpt2" else
+                             {"target_modules": ["embed_tokens", "q_proj", "o_proj", "gate_proj"]}
+                             if name == "llama" else {}))
+    before = clone_state(ours.base_model)
+    expected = _logits(ours, name)
+    ours.merge_adapter()
+    assert max_diff(_logits(ours, name), expected) <= TOL
+    ours.unmerge_adapter()
+    assert state_equal(clone_state(ours.base_model), before)
+    merged = ours.merge_and_unload()
+    assert not any("oft_" in n for n, _ in merged.named_parameters())
+    assert max_diff(_logits(merged, name), expected) <= TOL
+
+
+def test_print_trainable_parameters_matches_peft(capsys):
+    for kw in ({}, {"block_share": True, "target_modules": ["embed_tokens", "v_proj"]}):
+        ours, theirs = _pair("llama", **kw)
+        theirs.print_trainable_parameters()
+        expected = capsys.readouterr().out
+        ours.print_trainable_parameters()
+        assert capsys.readouterr().out == expected
+
+
+def test_mixed_batch_is_refused_as_peft_lacks_it():
+    ours, _ = _pair("llama")
+    with pytest.raises(AdapterError):
+        ours(**model_inputs("llama"), adapter_names=["default", "__base__"])
+
+
+def test_bad_targets_raise_and_leave_the_model_untouched():
+    model = MODELS["gpt2"]()
+    before = clone_state(model)
+    with pytest.raises(TargetError, match=r"c_attn.*Conv1D.*exclude_modules"):
+        get_peft_model(model, OFTConfig(target_modules=["c_attn", "wpe"]))
+    assert state_equal(clone_state(model), before)
+    assert not any("oft" in n for n, _ in model.named_modules())
+    with pytest.raises(ConfigError, match="not both"):
+        OFTConfig(r=4, oft_block_size=8)
+    with pytest.raises(ConfigError, match="non-zero"):
+        OFTConfig(r=0, oft_block_size=0)
