@@ -167,3 +167,161 @@ def test_bad_targets_raise_and_leave_the_model_untouched():
         OFTConfig(r=4, oft_block_size=8)
     with pytest.raises(ConfigError, match="non-zero"):
         OFTConfig(r=0, oft_block_size=0)
+
+
+# ---------------------------------------------------------------- Conv2d
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(8, 4, 1, stride=2, padding=1)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.odd = nn.Conv2d(6, 6, (1, 3))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.odd(self.conv(self.pw(x))).mean((2, 3)))
+
+
+def _conv_pair(targets: list[str]):
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_Net(), peft.OFTConfig(target_modules=targets, oft_block_size=4, init_weights=False))
+    torch.manual_seed(1)
+    ours = get_peft_model(_Net(), OFTConfig(target_modules=targets, oft_block_size=4))
+    _copy(theirs, ours)
+    return ours, theirs
+
+
+def test_pointwise_conv_matches_peft_and_merges_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    ours, theirs = _conv_pair(["pw", "fc"])
+    with torch.no_grad():
+        expected = theirs(x)
+        assert max_diff(ours(x), expected) <= TOL
+        before = clone_state(ours.base_model)
+        ours.merge_adapter()
+        assert max_diff(ours(x), expected) <= TOL
+        ours.unmerge_adapter()
+        assert state_equal(clone_state(ours.base_model), before)
+
+
+def test_kxk_conv_computes_peft_s_merged_layer():
+    """PEFT's unmerged forward of a 3x3 convolution sums overlapping rotated patches (at the identity init it is not
+    even the base layer); its merged weight ``W R^T`` is the rotation OFT defines, and what this plugin computes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    ours, theirs = _conv_pair(["conv"])
+    with torch.no_grad():
+        theirs.merge_adapter()
+        assert max_diff(ours(x), theirs(x)) <= TOL
+        ours.merge_adapter()
+        assert max_diff(ours(x), theirs(x)) <= TOL
+    fresh = get_peft_model(_Net(), OFTConfig(target_modules=["conv"], oft_block_size=4))
+    with torch.no_grad():
+        out = fresh(x)
+        with fresh.disable_adapter():
+            assert torch.equal(fresh(x), out)  # identity init: the base layer exactly
+
+
+def test_non_square_kernels_are_refused():
+    model = _Net()
+    with pytest.raises(TargetError, match=r"'odd'.*non-square"):
+        get_peft_model(model, OFTConfig(target_modules=["conv", "odd"], oft_block_size=4))
+    assert not any("oft" in n for n, _ in model.named_modules())
+
+
+# ---------------------------------------------------------------- several adapters
+def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their plain names (wrapped or not)."""
+    return {k.replace(".base_layer", ""): v for k, v in clone_state(model.base_model).items() if "_R." not in k}
+
+
+def test_several_adapters_compose_as_peft():
+    ours, theirs = _pair("llama", target_modules=["q_proj", "v_proj", "embed_tokens"])
+    torch.manual_seed(5)
+    cfg = {"task_type": "CAUSAL_LM", "oft_block_size": 4, "target_modules": ["q_proj", "down_proj", "embed_tokens"]}
+    theirs.add_adapter("b", peft.OFTConfig(init_weights=False, **cfg))
+    ours.add_adapter("b", OFTConfig(**cfg))
+    _copy(theirs, ours, "b")
+    for active in (["b"], ["default", "b"], ["b", "default"]):
+        theirs.base_model.set_adapter(active)
+        ours.set_adapter(active)
+        assert max_diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL, active
+    # merged, two adapters act as they do unmerged (PEFT's merge stacks them in the opposite order)
+    ours.set_adapter(["default", "b"])
+    expected = _logits(ours, "llama")
+    before = clone_state(ours.base_model)
+    ours.merge_adapter()
+    assert ours.merged_adapters == ["default", "b"]
+    assert max_diff(_logits(ours, "llama"), expected) <= TOL
+    ours.delete_adapter("default")  # merged under "b": the core unmerges "b", then "default", then merges "b" again
+    assert list(ours.peft_config) == ["b"] and ours.active_adapters == ["b"] and ours.merged_adapters == ["b"]
+    assert not any(".default" in n for n, _ in ours.named_parameters())
+    theirs.delete_adapter("default")
+    theirs.base_model.set_adapter("b")
+    assert max_diff(_logits(ours, "llama"), _logits(theirs, "llama")) <= TOL
+    ours.unmerge_adapter()
+    assert state_equal(_base_weights(ours), {k.replace(".base_layer", ""): v for k, v in before.items()
+                                             if "_R." not in k})
+
+
+# ---------------------------------------------------------------- training, dtypes, dropout
+def test_training_lowers_loss_and_keeps_base_bits():
+    ours = get_peft_model(MODELS["llama"](), OFTConfig(task_type="CAUSAL_LM", oft_block_size=8,
+                                                     target_modules="all-linear"))
+    base = {k: v for k, v in clone_state(ours.base_model).items() if "oft_R" not in k}
+    inputs = model_inputs("llama")
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert trainable and all(p.shape[-1] == 28 for p in trainable)
+    opt = torch.optim.Adam(trainable, lr=0.05)
+    losses = []
+    for _ in range(6):
+        loss = ours(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3
+    now = {k: v for k, v in clone_state(ours.base_model).items() if "oft_R" not in k}
+    assert state_equal(now, base)
+
+
+def test_bf16_model_and_autocast_match_peft():
+    kw = _kw("llama", target_modules=["q_proj", "v_proj", "embed_tokens"], use_cayley_neumann=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(MODELS["llama"]().to(torch.bfloat16), peft.OFTConfig(init_weights=False, **kw))
+    ours = get_peft_model(MODELS["llama"]().to(torch.bfloat16), OFTConfig(**kw))
+    _copy(theirs, ours)
+    params = [p for n, p in ours.named_parameters() if "_R." in n]
+    assert params and all(p.dtype == torch.float32 for p in params)  # autocast_adapter_dtype, as PEFT
+    out, ref = _logits(ours, "llama"), _logits(theirs, "llama")
+    assert out.dtype == torch.bfloat16 and max_diff(out, ref) <= 1e-3
+    before = clone_state(ours.base_model)
+    ours.merge_adapter()
+    assert max_diff(_logits(ours, "llama"), out) <= 0.05  # the merged weights are rounded to bf16 once
+    ours.unmerge_adapter()
+    assert state_equal(clone_state(ours.base_model), before)
+    # an fp32 model under torch.autocast(cpu, bf16), as Trainer(bf16=True) runs it
+    fp32 = get_peft_model(MODELS["llama"](), OFTConfig(**kw))
+    theirs32 = peft.get_peft_model(MODELS["llama"](), peft.OFTConfig(**kw))
+    peft.set_peft_model_state_dict(theirs32, _copy(theirs, fp32))
+    inputs = model_inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fp32(**inputs, labels=inputs["input_ids"]).loss
+        with torch.no_grad():
+            theirs_loss = theirs32(**inputs, labels=inputs["input_ids"]).loss
+    assert abs(float(loss) - float(theirs_loss)) <= 1e-4
+    loss.backward()
+    grads = [p.grad for p in fp32.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_module_dropout_has_no_effect_as_in_peft():
+    """PEFT 0.21 builds its block dropout and never calls it: training-mode outputs equal evaluation ones."""
+    ours, theirs = _pair("llama", module_dropout=0.5)
+    ours.train(), theirs.train()
+    x = model_inputs("llama")
+    with torch.no_grad():
+        trained, reference = ours(**x).logits, theirs(**x).logits
+    ours.eval()
+    assert max_diff(trained, reference) <= TOL and torch.equal(trained, _logits(ours, "llama"))

@@ -125,6 +125,10 @@ class OFTLayer(nn.Module):
         """TargetError for a layer OFT cannot rotate (called before the model changes)."""
         base = self.base_layer
         if self.kind == "conv2d":
+            if base.kernel_size[0] != base.kernel_size[1]:
+                # PEFT sizes the rotation as in_channels * kh * kh, which cannot fit a kh x kw filter
+                raise TargetError(f"OFT target {self.path!r} is a Conv2d with a non-square kernel {base.kernel_size}; "
+                                  "OFT (as PEFT) supports square kernels only. Exclude it with exclude_modules")
             if any(d != 1 for d in base.dilation):
                 raise TargetError(f"OFT target {self.path!r} is a Conv2d with dilation {base.dilation}; OFT supports "
                                   "dilation 1 only (as PEFT). Exclude it with exclude_modules")
@@ -219,8 +223,9 @@ class OFTLayer(nn.Module):
         """The weight with ``adapter_name`` merged on top of what is merged already, in fp32; nothing changed.
 
         Merged adapters act in merge order, as they do unmerged: ``W_k^T = R_1 ... R_k W^T`` (``E_k = E R_1 ... R_k``
-        for an embedding). A new rotation goes next to the *input*, underneath the earlier ones, so it is computed
-        from the original weight, recovered bit for bit from the restore tokens, not from the rounded merged one."""
+        for an embedding). The newest rotation sits next to the weight, underneath the earlier ones, so the product
+        is recomputed from the original weight, recovered bit for bit from the restore tokens, rather than from the
+        rounded merged one."""
         w = self.base_layer.weight
         original = w.detach().clone()
         for _, token in reversed(self._merged):
