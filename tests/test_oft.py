@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from conftest import MODELS, clone_state, max_diff, model_inputs, state_equal
-from peft_core import AdapterError, ConfigError, OFTConfig, PeftModel, TargetError, get_peft_model
+from peft_core import AdapterError, CheckpointError, ConfigError, OFTConfig, PeftModel, TargetError, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,7 +47,7 @@ def _pair(name: str, **kw):
         for n, p in theirs.named_parameters():
             if "_R." in n:
                 p.normal_(0.0, 0.3)
-    ours = get_peft_model(MODELS[name](), OFTConfig(**kw))
+    ours = get_peft_model(MODELS[name](), OFTConfig(init_weights=False, **kw))
     _copy(theirs, ours)
     return ours, theirs
 
@@ -55,7 +55,7 @@ def _pair(name: str, **kw):
 def _same_config(ours: dict, theirs: dict) -> None:
     assert set(ours) == set(theirs)
     for key in ours:
-        if key in ("peft_version", "init_weights"):
+        if key == "peft_version":
             continue
         if key in ("target_modules", "exclude_modules") and isinstance(theirs[key], list):
             assert set(ours[key]) == set(theirs[key]), key
@@ -100,7 +100,9 @@ def test_logits_and_files_match_peft(name, tmp_path):
     {"r": 4, "oft_block_size": 0},
     {"oft_block_size": 12},  # does not divide 32 or 64: moved to the nearest divisor per layer, as PEFT
     {"target_modules": ["embed_tokens", "q_proj", "down_proj"], "block_share": True},
-    {"target_modules": "all-linear", "bias": "oft_only"},
+    {"target_modules": "all-linear", "exclude_modules": ["o_proj", "up_proj"]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"fan_in_fan_out": True},
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_options_match_peft(kw):
     ours, theirs = _pair("llama", **kw)
@@ -325,3 +327,46 @@ def test_module_dropout_has_no_effect_as_in_peft():
         trained, reference = ours(**x).logits, theirs(**x).logits
     ours.eval()
     assert max_diff(trained, reference) <= TOL and torch.equal(trained, _logits(ours, "llama"))
+
+
+# ---------------------------------------------------------------- biases, configs and files of other PEFT versions
+@pytest.mark.parametrize("bias", ["all", "oft_only"])
+def test_bias_options_match_peft(bias, tmp_path, capsys):
+    ours, theirs = _pair("bert", bias=bias)
+    theirs.print_trainable_parameters()
+    expected = capsys.readouterr().out
+    ours.print_trainable_parameters()
+    assert capsys.readouterr().out == expected
+    trained = {n.removeprefix("base_model.") for n, p in ours.named_parameters() if p.requires_grad}
+    assert trained == {n.removeprefix("base_model.model.").replace("_R.default.weight", "_R.default")
+                       for n, p in theirs.named_parameters() if p.requires_grad}
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    # PEFT's bias="all" also repeats the classifier copy's bias (.modules_to_save.bias, .original_module.bias)
+    assert a.keys() == {k for k in b if ".modules_to_save." not in k and ".original_module." not in k}
+    assert any(k.endswith(".base_layer.bias") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loaded = PeftModel.from_pretrained(MODELS["bert"](), tmp_path / "theirs")
+    assert max_diff(_logits(loaded, "bert"), _logits(theirs, "bert")) <= TOL
+    back = peft.PeftModel.from_pretrained(MODELS["bert"](), tmp_path / "ours")
+    assert max_diff(_logits(back, "bert"), _logits(ours, "bert")) <= TOL
+
+
+def test_files_of_older_peft_are_refused_or_warned():
+    with pytest.raises(ConfigError, match=r"0\.14"):  # PEFT < 0.14 wrote no oft_block_size
+        OFTConfig.from_dict({"peft_type": "OFT", "r": 8, "target_modules": ["q_proj"]})
+    with pytest.warns(UserWarning, match=r"before PEFT 0\.18"):
+        OFTConfig.from_dict({"peft_type": "OFT", "peft_version": "0.17.1", "use_cayley_neumann": True})
+    ours, _ = _pair("llama")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.oft_r"
+    with pytest.raises(CheckpointError, match=r"0\.15"):
+        ours.load_adapter_state_dict("default", {key: torch.zeros(4, 8, 8)})
+
+
+def test_targets_that_match_nothing_name_the_fix():
+    model = MODELS["llama"]()
+    with pytest.raises(TargetError, match="nope"):
+        get_peft_model(model, OFTConfig(target_modules=["nope"]))
+    assert not any("oft" in n for n, _ in model.named_modules())

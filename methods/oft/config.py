@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, ClassVar
 
 import attrs
@@ -101,3 +103,16 @@ class OFTConfig(PeftConfig):
                               "since r * oft_block_size is the layer's input size; set the other to 0 (e.g. "
                               "OFTConfig(r=8, oft_block_size=0)). An adapter_config.json written by PEFT < 0.14 "
                               "lacks oft_block_size: such adapters cannot be loaded (PEFT refuses them too)")
+        if self.use_cayley_neumann and _older_than_0_18(self.peft_version):
+            # PEFT 0.18 changed the Neumann series (the last power's coefficient); PEFT warns the same way
+            warnings.warn(f"OFTConfig: this adapter was written by PEFT {self.peft_version}, before PEFT 0.18 changed "
+                          "the Cayley-Neumann series it uses (use_cayley_neumann=True); its rotations are computed "
+                          "with the new series and differ from what it was trained with. Retrain it with PEFT >= "
+                          "0.18 or peft-core", stacklevel=3)
+
+
+def _older_than_0_18(version: str | None) -> bool:
+    """Whether a ``peft_version`` such as ``"0.17.1"`` or ``"0.16.0@abc123"`` is before 0.18 (major.minor is
+    enough, and it avoids a dependency on ``packaging``); False for anything unparsable."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return m is not None and (int(m.group(1)), int(m.group(2))) < (0, 18)

@@ -16,7 +16,7 @@ from peft_core.compat import (
     disk_to_model_key,
     model_to_disk_key,
 )
-from peft_core.errors import TargetError
+from peft_core.errors import CheckpointError, TargetError
 from peft_core.layers import is_adapter_layer
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import DEFAULT_ATTENTION_TARGETS
@@ -146,6 +146,11 @@ class OFTPlugin:
 
     @hookimpl
     def state_dict_load(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        old = next((k for k in state_dict if ".oft_r." in k or k.endswith(".oft_r")), None)
+        if old is not None:  # PEFT <= 0.15 stored whole (unpacked) blocks as oft_r, with other maths
+            raise CheckpointError(f"{old!r} is an OFT tensor of PEFT <= 0.15.2, whose format and maths changed; "
+                                  "neither PEFT 0.21 nor peft-core loads it: retrain the adapter (or use PEFT "
+                                  "0.15.2 to run it)")
         renamed: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             if key.startswith(DISK_MODEL_PREFIX) and _DISK_KEY.search(key):
@@ -156,7 +161,11 @@ class OFTPlugin:
                 renamed[disk_to_model_key(key)] = value
             else:
                 renamed[key] = value  # not ours: the core reports it as unexpected
-        return adapter_keys_from_disk(renamed, adapter_name, _NAMES)
+        out = adapter_keys_from_disk(renamed, adapter_name, _NAMES)
+        # PEFT's bias="all" files repeat a modules_to_save copy's bias as <path>.modules_to_save.bias, without the
+        # adapter name (the core has taken the copy's own keys out already)
+        return {k.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.", 1)
+                if ".modules_to_save." in k else k: v for k, v in out.items()}
 
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
