@@ -9,7 +9,16 @@ import peft
 import pytest
 import torch
 from conftest import MODELS, clone_state, max_diff, model_inputs, state_equal
-from peft_core import AdapterError, CheckpointError, ConfigError, OFTConfig, PeftModel, TargetError, get_peft_model
+from peft_core import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    OFTConfig,
+    PeftModel,
+    TargetError,
+    get_peft_model,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -370,3 +379,38 @@ def test_targets_that_match_nothing_name_the_fix():
     with pytest.raises(TargetError, match="nope"):
         get_peft_model(model, OFTConfig(target_modules=["nope"]))
     assert not any("oft" in n for n, _ in model.named_modules())
+
+
+def test_composes_with_lora_on_other_modules_as_peft_s_mixed_model():
+    from peft_core import LoraConfig
+
+    lora = {"task_type": "CAUSAL_LM", "r": 2, "target_modules": ["q_proj"], "init_lora_weights": False}
+    oft = {"task_type": "CAUSAL_LM", "target_modules": ["v_proj", "embed_tokens"], "oft_block_size": 8,
+           "init_weights": False}
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(**lora), mixed=True)
+    theirs.add_adapter("oft", peft.OFTConfig(**oft))
+    theirs.set_adapter(["default", "oft"])
+    ours = get_peft_model(MODELS["llama"](), LoraConfig(**lora))
+    ours.add_adapter("oft", OFTConfig(**oft))
+    ours.set_adapter(["default", "oft"])
+    for adapter in ("default", "oft"):
+        _copy(theirs, ours, adapter)
+    with torch.no_grad():
+        x = model_inputs("llama")
+        assert max_diff(ours(**x).logits, theirs(**x).logits) <= TOL
+    # PEFT's mixed model can also stack OFT on a LoRA layer of the same module; peft-core refuses it by name
+    with pytest.raises(TargetError, match=r"q_proj.*already adapted by another method"):
+        ours.add_adapter("over", OFTConfig(target_modules=["q_proj"]))
+    assert "over" not in ours.peft_config
+
+
+def test_tied_embedding_runs_as_peft_but_refuses_to_merge():
+    """GPT-2's wte is also its lm_head: rotating it in place would rotate the output layer too (PEFT does, and
+    its merged model then differs from its unmerged one)."""
+    ours, theirs = _pair("gpt2", target_modules=["wte"])
+    assert max_diff(_logits(ours, "gpt2"), _logits(theirs, "gpt2")) <= TOL
+    before = clone_state(ours.base_model)
+    with pytest.raises(MergeError, match=r"'transformer.wte'.*tied to 'lm_head'"):
+        ours.merge_adapter()
+    assert state_equal(clone_state(ours.base_model), before) and not ours.merged_adapters

@@ -16,7 +16,7 @@ from peft_core.compat import (
     disk_to_model_key,
     model_to_disk_key,
 )
-from peft_core.errors import CheckpointError, TargetError
+from peft_core.errors import CheckpointError, MergeError, TargetError
 from peft_core.layers import is_adapter_layer
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import DEFAULT_ATTENTION_TARGETS
@@ -72,6 +72,25 @@ def find_targets(model: nn.Module, config: OFTConfig) -> list[str]:
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, OFTLayer]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, OFTLayer) and adapter_name in m.params]
+
+
+def _refuse_tied_merge(model: nn.Module, layers: list[tuple[str, OFTLayer]], adapter_name: str) -> None:
+    """MergeError, before anything changes, when a layer's base weight is also another module's (GPT-2's ``wte``
+    and ``lm_head``, tied embeddings generally): rotating it in place would rotate those modules' weight too, so
+    the merged model would not compute what the unmerged one does."""
+    holders: dict[int, set[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, OFTLayer):
+            continue
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(path)
+    for path, layer in layers:
+        others = sorted(holders.get(id(layer.base_layer.weight), set()) - {f"{path}.base_layer"})
+        if others:
+            raise MergeError(f"OFT adapter {adapter_name!r} cannot be merged: {path!r}'s base weight is tied to "
+                             f"{', '.join(repr(o) for o in others[:3])}, so a merge would rotate those too; keep it "
+                             "unmerged (or untie the weights first)")
 
 
 def _is_bias_key(key: str) -> bool:
@@ -170,6 +189,7 @@ class OFTPlugin:
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
         layers = _layers(model, adapter_name)
+        _refuse_tied_merge(model, layers, adapter_name)
         if safe:  # every layer is checked before any changes
             for _, layer in layers:
                 layer.check_merge(adapter_name)
