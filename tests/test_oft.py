@@ -162,9 +162,12 @@ def test_print_trainable_parameters_matches_peft(capsys):
 
 
 def test_mixed_batch_is_refused_as_peft_lacks_it():
-    ours, _ = _pair("llama")
-    with pytest.raises(AdapterError):
-        ours(**model_inputs("llama"), adapter_names=["default", "__base__"])
+    ours, theirs = _pair("llama")
+    x = model_inputs("llama")
+    with torch.no_grad():  # PEFT ignores adapter_names: its "__base__" row is rotated all the same
+        assert torch.equal(theirs(**x, adapter_names=["default", "__base__"]).logits, theirs(**x).logits)
+    with pytest.raises(AdapterError, match=r"OFTLayer.*set_adapter"):
+        ours(**x, adapter_names=["default", "__base__"])
 
 
 def test_bad_targets_raise_and_leave_the_model_untouched():

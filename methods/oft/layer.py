@@ -59,8 +59,8 @@ class RotationOptions:
 class OFTLayer(nn.Module):
     """Wraps ``base_layer`` (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) and the OFT adapters acting on it."""
 
-    # PEFT's OFT has no mixed-batch inference (its layers pass adapter_names on to the base layer, which fails):
-    # refused up front rather than guessed
+    # PEFT 0.21's OFT has no mixed-batch inference (it ignores adapter_names and rotates every row with the active
+    # adapters): refused up front rather than answered with wrong rows
     supports_routing = False
 
     def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime, path: str = "") -> None:
