@@ -417,3 +417,41 @@ def test_tied_embedding_runs_as_peft_but_refuses_to_merge():
     with pytest.raises(MergeError, match=r"'transformer.wte'.*tied to 'lm_head'"):
         ours.merge_adapter()
     assert state_equal(clone_state(ours.base_model), before) and not ours.merged_adapters
+
+
+def test_safe_merge_refuses_non_finite_rotations_before_changing_anything():
+    ours, _ = _pair("llama", use_cayley_neumann=False)
+    with torch.no_grad():
+        ours.base_model.model.layers[1].self_attn.v_proj.oft_R["default"][0, 0] = float("nan")
+    before = _base_weights(ours)  # (NaN != NaN: the adapter tensors are left out of the comparison)
+    with pytest.raises(MergeError, match=r"NaN.*layers\.1\.self_attn\.v_proj"):
+        ours.merge_adapter(safe_merge=True)
+    assert state_equal(_base_weights(ours), before) and not ours.merged_adapters
+
+
+def test_a_block_size_that_does_not_divide_warns_per_layer_as_peft():
+    with pytest.warns(UserWarning, match=r"Adjusted `oft_block_size` to \(8\) for model\.layers\.0\.self_attn\.q_proj"):
+        model = get_peft_model(MODELS["llama"](), OFTConfig(oft_block_size=12, target_modules=["q_proj"]))
+    assert model.base_model.model.layers[0].self_attn.q_proj.oft_R["default"].shape == (4, 28)
+
+
+def test_rotation_maths_by_hand():
+    from peft_oft.rotation import nearest_divisor, rotations, skew_symmetric
+
+    torch.manual_seed(0)
+    packed = torch.randn(3, 6, dtype=torch.float64) * 0.1  # blocks of 4: 6 entries above the diagonal
+    q = skew_symmetric(packed, 4)
+    assert torch.equal(q[0, 0, 1:], packed[0, :3]) and torch.equal(q[0, 1, 2:], packed[0, 3:5])
+    assert torch.equal(q, -q.transpose(-2, -1))
+    eye = torch.eye(4, dtype=torch.float64)
+    cayley = rotations(packed, 4, neumann=False, terms=5)
+    assert torch.allclose(cayley @ cayley.transpose(-2, -1), eye.expand(3, 4, 4), atol=1e-12)
+    assert torch.allclose(cayley, (eye - q) @ torch.linalg.inv(eye + q), atol=1e-12)
+    # the series I + 2Q + 2Q^2 + ... + 2Q^(m-2) + Q^(m-1) (PEFT >= 0.18), for m = 5 and m = 2
+    q2 = q @ q
+    expected = eye + 2 * q + 2 * q2 + 2 * q2 @ q + q2 @ q2
+    assert torch.allclose(rotations(packed, 4, neumann=True, terms=5), expected, atol=1e-12)
+    assert torch.allclose(rotations(packed, 4, neumann=True, terms=2), eye + 2 * q, atol=1e-12)
+    # PEFT's series is that of (I + Q)(I - Q)^-1: the transpose (inverse) of its exact Cayley transform
+    assert torch.allclose(rotations(packed, 4, neumann=True, terms=40), cayley.transpose(-2, -1), atol=1e-9)
+    assert [nearest_divisor(32, v) for v in (12, 5, 7, 40, 3)] == [8, 4, 8, 32, 2]

@@ -50,8 +50,10 @@ class OFTConfig(PeftConfig):
       ``in_channels * kh * kw``, an Embedding's ``embedding_dim``). A value that does not divide it is moved to
       the nearest one that does, per layer, with a warning, as PEFT does.
     - ``use_cayley_neumann`` / ``num_cayley_neumann_terms``: the rotation of a skew-symmetric block ``Q`` is the
-      Cayley transform ``(I - Q)(I + Q)^-1`` or, by default, its truncated Neumann series (cheaper, only
-      approximately orthogonal).
+      exact Cayley transform ``(I - Q)(I + Q)^-1`` or, by default, PEFT's truncated Neumann series
+      ``I + 2Q + 2Q^2 + ... + 2Q^(m-2) + Q^(m-1)`` (cheaper, only nearly orthogonal). As in PEFT, the series is that of
+      ``(I + Q)(I - Q)^-1``, the *transpose* of the exact transform: switching the option on a trained adapter
+      changes what it computes.
     - ``coft`` / ``eps``: constrained OFT: before each use, every block's skew matrix is pulled back into a ball
       of radius ``eps / sqrt(blocks)`` around zero (written back into the parameter, as PEFT does).
     - ``block_share``: one block shared by all block positions of a layer.
@@ -104,7 +106,7 @@ class OFTConfig(PeftConfig):
                               "OFTConfig(r=8, oft_block_size=0)). An adapter_config.json written by PEFT < 0.14 "
                               "lacks oft_block_size: such adapters cannot be loaded (PEFT refuses them too)")
         if self.use_cayley_neumann and _older_than_0_18(self.peft_version):
-            # PEFT 0.18 changed the Neumann series (the last power's coefficient); PEFT warns the same way
+            # PEFT 0.18 changed its Neumann series; PEFT warns the same way
             warnings.warn(f"OFTConfig: this adapter was written by PEFT {self.peft_version}, before PEFT 0.18 changed "
                           "the Cayley-Neumann series it uses (use_cayley_neumann=True); its rotations are computed "
                           "with the new series and differ from what it was trained with. Retrain it with PEFT >= "

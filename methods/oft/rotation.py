@@ -2,8 +2,10 @@
 
 A block of size ``b`` is stored as the ``b * (b - 1) / 2`` entries above the diagonal of a skew-symmetric matrix
 ``Q`` (row-major, ``torch.triu_indices(b, b, 1)``'s order: Hugging Face PEFT's packing, so its files load as they
-are). The rotation is the Cayley transform ``(I - Q)(I + Q)^-1``, or its Neumann approximation
-``I + 2Q + 2Q^2 + ... + Q^m``. The operations follow PEFT's order where rounding depends on it.
+are). The rotation is the Cayley transform ``(I - Q)(I + Q)^-1``, or PEFT's truncated Neumann series
+``I + 2Q + 2Q^2 + ... + 2Q^(m-2) + Q^(m-1)``, which is the series of ``(I + Q)(I - Q)^-1`` (the transpose of the
+former; PEFT's choice, kept so that its adapters compute the same). The operations follow PEFT's order where
+rounding depends on it.
 """
 
 from __future__ import annotations
