@@ -123,6 +123,22 @@ def test_options_match_peft(kw):
     assert all(ours_sd[k].shape == theirs_sd[k].shape for k in ours_sd)
 
 
+@pytest.mark.parametrize("kw", [{}, {"coft": True, "eps": 0.05}, {"block_share": True, "use_cayley_neumann": False},
+                                {"target_modules": ["embed_tokens", "o_proj"]}], ids=["plain", "coft", "shared", "emb"])
+def test_loss_and_gradients_match_peft(kw):
+    ours, theirs = _pair("llama", **kw)
+    x = model_inputs("llama")
+    losses = [m(**x, labels=x["input_ids"]).loss for m in (ours, theirs)]
+    assert abs(float(losses[0]) - float(losses[1])) <= TOL
+    for loss in losses:
+        loss.backward()
+    ours_g = {n.removeprefix("base_model."): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_g = {n.removeprefix("base_model.model.").replace(".default.weight", ".default"): p.grad
+                for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours_g.keys() == theirs_g.keys() and ours_g
+    assert all(max_diff(ours_g[k], theirs_g[k]) <= TOL for k in ours_g)
+
+
 def test_coft_projects_the_parameter_in_place_as_peft():
     ours, theirs = _pair("llama", coft=True, eps=0.05)
     _logits(ours, "llama"), _logits(theirs, "llama")
@@ -136,7 +152,7 @@ def test_coft_projects_the_parameter_in_place_as_peft():
 
 
 # ---------------------------------------------------------------- merging
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "bert"])
 def test_merge_matches_forward_and_unmerge_restores_bits(name):
     ours, _ = _pair(name, **({"target_modules": ["wpe"]} if name == "gpt2" else
                              {"target_modules": ["embed_tokens", "q_proj", "o_proj", "gate_proj"]}
