@@ -197,6 +197,10 @@ def test_bad_targets_raise_and_leave_the_model_untouched():
         OFTConfig(r=4, oft_block_size=8)
     with pytest.raises(ConfigError, match="non-zero"):
         OFTConfig(r=0, oft_block_size=0)
+    with pytest.raises(ConfigError, match=r"layers_pattern.*layers_to_transform"):
+        OFTConfig(layers_pattern="layers")
+    with pytest.raises(ConfigError, match="bias"):
+        OFTConfig(bias="lora_only")
 
 
 # ---------------------------------------------------------------- Conv2d
