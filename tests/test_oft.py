@@ -475,3 +475,12 @@ def test_rotation_maths_by_hand():
     # PEFT's series is that of (I + Q)(I - Q)^-1: the transpose (inverse) of its exact Cayley transform
     assert torch.allclose(rotations(packed, 4, neumann=True, terms=40), cayley.transpose(-2, -1), atol=1e-9)
     assert [nearest_divisor(32, v) for v in (12, 5, 7, 40, 3)] == [8, 4, 8, 32, 2]
+
+
+def test_registered_under_peft_s_name():
+    import peft_core
+    from peft_core import get_registry
+
+    spec = next(s for s, _ in get_registry().methods() if s.name == "OFT")
+    assert spec.config_cls is OFTConfig is peft_core.OFTConfig and spec.mergeable
+    assert OFTConfig.peft_type == peft.PeftType.OFT.value
