@@ -31,6 +31,7 @@ from .errors import (
     TargetError,
 )
 from .hookspecs import hookimpl, hookspec
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .kbit import prepare_model_for_kbit_training
 from .layers import AdapterLayer, MergeableLayer
 from .model import AdaptedModel
@@ -83,6 +84,7 @@ __all__ = [  # noqa: RUF022 - grouped by role, not alphabetically
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
     "PeftType", "PeftMixedModel", "PeftError", "PeftWarning", "get_peft_config", "inject_adapter_in_model",
     "load_peft_weights", "cast_mixed_precision_params", "get_layer_status", "get_model_status",
+    "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     # the native API and the plugin contract
     "AdaptedModel", "AdapterRuntime", "BASE_ROW", "MethodSpec", "hookimpl", "hookspec", "get_registry",
     "AdapterLayer", "MergeableLayer", "SUPPORT_MODULES",

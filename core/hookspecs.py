@@ -441,3 +441,59 @@ def on_optimizer_step(model: nn.Module, adapter_name: str, config: PeftConfig, g
                 layer.prune(adapter_name)
             return config.replace(pruned_at=global_step)
     """
+
+
+@hookspec(firstresult=True)
+def prepare_hotswap(model: nn.Module, adapter_name: str, config: PeftConfig,
+                    target_rank: int | None) -> PeftConfig | None:
+    """Make the adapter hot-swappable under ``torch.compile``: take out of it what a swap would change and a
+    compiled graph would be specialised on (tensor shapes that depend on a rank, Python numbers such as a scaling).
+
+    When: ``peft_core.prepare_model_for_compiled_hotswap(model, target_rank=...)``, once per adapter of the model,
+    after the first adapter is loaded and before the model is compiled. ``target_rank`` is the largest rank the
+    adapters to be swapped in will have (None: keep the shapes). Changes must keep the outputs exactly as they
+    were (zero padding, a float held as a tensor of the same value).
+
+    Returns (firstresult): the adapter's config (unchanged, or updated with ``config.replace``), which the core
+    keeps; or None when the method has nothing to prepare for this adapter. The core raises a ConfigError when no
+    adapter of the model answered.
+
+    Example::
+
+        @hookimpl
+        def prepare_hotswap(model, adapter_name, config, target_rank):
+            for layer in my_layers(model, adapter_name):
+                layer.scale_tensor[adapter_name] = torch.tensor(layer.scale[adapter_name])
+            return config
+    """
+
+
+@hookspec(firstresult=True)
+def hotswap(model: nn.Module, adapter_name: str, config: PeftConfig, new_config: PeftConfig,
+            state_dict: Mapping[str, torch.Tensor]) -> PeftConfig | None:
+    """Replace the adapter's weights by another adapter's of the same method, in place: every parameter object
+    stays, so a compiled graph runs on without recompiling and an optimiser's references stay valid.
+
+    When: ``peft_core.hotswap_adapter(model, path, adapter_name)``. The core has loaded ``new_config`` (the same
+    method as ``config``) and the file's tensors, mapped to in-model names by ``state_dict_load``, and checked that
+    they name only tensors this adapter owns; the adapter is not merged. The hook checks that the two adapters
+    are compatible (raising a ConfigError or CheckpointError that names the difference *before* changing
+    anything), then copies the values and updates what depends on the config (a scaling). Tensors the file lacks
+    are the method's to handle (LoRA zeroes a layer the new adapter does not target).
+
+    Returns (firstresult): the adapter's config from now on (normally ``new_config``), which the core keeps and
+    ``save_pretrained`` writes; None when the method cannot hot-swap (the core then raises a ConfigError naming
+    the method).
+
+    Example::
+
+        @hookimpl
+        def hotswap(model, adapter_name, config, new_config, state_dict):
+            if new_config.kind != config.kind:
+                raise ConfigError(f"cannot hot-swap: kind {config.kind!r} vs {new_config.kind!r}")
+            params = dict(model.named_parameters(prefix="base_model"))
+            with torch.no_grad():
+                for key, value in state_dict.items():
+                    params[key].copy_(value)
+            return new_config
+    """

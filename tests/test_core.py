@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import peft_core
 import pytest
 import torch
 from conftest import clone_state, model_inputs, module_tree, state_equal, tiny_llama
@@ -104,6 +105,11 @@ def test_every_hook_is_exercised_and_wrappable(toy, tmp_path):
         assert not (tmp_path / "converted").exists()
         model.merge_adapter()
         model.unmerge_adapter()
+        # the toy method cannot hot-swap: both calls reach the hooks (the recorder wraps them), which answer None
+        with pytest.raises(ConfigError, match="no adapter to prepare"):
+            peft_core.prepare_model_for_compiled_hotswap(model)
+        with pytest.raises(ConfigError, match="TOYSCALE adapters cannot be hot-swapped"):
+            peft_core.hotswap_adapter(model, tmp_path, "default")
         AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
         model.delete_adapter("default")
     missing = set(HOOKS) - REGISTRATION_HOOKS - set(rec.seen)

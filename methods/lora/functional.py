@@ -145,8 +145,8 @@ def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
     return torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling).view(result.shape)
 
 
-def lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                      gate: torch.Tensor) -> torch.Tensor:
+def lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scaling: float | torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``result + (gate * scaling) * B(A(x))`` for inference inside a compiled graph.
 
     ``gate`` (0 or 1 per row, broadcastable against ``result``) says whether each row takes this adapter; it is a
@@ -161,8 +161,8 @@ def lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
     return _lora_linear_gated(result, x, a, b, scaling, gate)
 
 
-def _lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                       gate: torch.Tensor) -> torch.Tensor:
+def _lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       scaling: float | torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if a.dtype != x.dtype:
         a = a.to(x.dtype)
         b = b.to(x.dtype)

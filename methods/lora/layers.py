@@ -402,13 +402,17 @@ class LoraLinear(ModulePairLayer):
             return result
         rt = self._runtime
         gates = rt.gate_rows(x.detach())
+        scalings = self.__dict__.get("_scaling_tensors", {})
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         for name in names:
             gate = gates[:, rt.slots[name]].view(shape)
-            result = lora_linear_gated(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                                       self.scaling[name], gate)
+            # a tensor scaling (prepare_model_for_compiled_hotswap) is read when the graph runs, so a hot-swap
+            # that changes it compiles nothing; a float is a constant of the graph
+            scaling = scalings.get(name, self.scaling[name])
+            result = lora_linear_gated(result, x, self.lora_A[name].weight, self.lora_B[name].weight, scaling, gate)
             if self.lora_bias[name]:
-                result = result + self._scaled_bias(name, result.dtype) * gate.to(result.dtype)
+                bias = self.lora_B[name].bias.to(result.dtype)
+                result = result + bias * (gate.to(result.dtype) * scaling)
         return result
 
     def _scaled_bias(self, name: str, dtype: torch.dtype) -> torch.Tensor:

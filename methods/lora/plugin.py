@@ -18,6 +18,8 @@ from torch import nn
 from . import hookspecs, tokens
 from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
+from .hotswap import prepare as prepare_for_hotswap
+from .hotswap import swap, trim_for_save
 from .init import check as check_init
 from .layers import LoraLayer, builtin_layer, supported_base
 from .mha import check_attention_targets
@@ -252,7 +254,7 @@ class LoraPlugin:
             if m.re is param_key and not keep_suffix and m.group(3) != "weight":
                 continue  # a variant module's tensors other than its weight have no key in PEFT's format
             suffix = f".{m.group(1)}.{m.group(3)}" if keep_suffix else f".{m.group(1)}"
-            out[model_to_disk_key(stem + suffix)] = value
+            out[model_to_disk_key(stem + suffix)] = trim_for_save(model, adapter_name, config, key, value)
         if config.bias != "none":
             for key, value in state_dict.items():
                 if not key.startswith(MODEL_PREFIX) or not key.endswith("bias") or ".lora_" in key:
@@ -263,6 +265,17 @@ class LoraPlugin:
                     out[model_to_disk_key(key)] = value
         out.update(tokens.token_state_dict(adapter_name, state_dict))
         return out
+
+    @hookimpl
+    def prepare_hotswap(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                        target_rank: int | None) -> LoraConfig | None:
+        # the config keeps the adapter's true rank: the padding is trimmed when saving
+        return config if prepare_for_hotswap(model, adapter_name, target_rank) else None
+
+    @hookimpl
+    def hotswap(self, model: nn.Module, adapter_name: str, config: LoraConfig, new_config: LoraConfig,
+                state_dict: Mapping[str, torch.Tensor]) -> LoraConfig:
+        return swap(model, adapter_name, config, new_config, state_dict)
 
     @hookimpl
     def state_dict_load(self, model: nn.Module, adapter_name: str,
