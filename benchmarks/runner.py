@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "B8": ("b8_real:run_b8", "all-MiniLM-L6-v2 + LoRA on SST-2, one epoch"),
     "B9": ("b9_qlora:run_b9", "QLoRA (nf4, bf16 compute) vs bf16 LoRA and PEFT's QLoRA: memory and step time"),
     "B10": ("b10_dora:run_b10", "DoRA training step vs PEFT's DoRA step (fp32, bf16)"),
+    "B11": ("b11_compile:run_b11", "torch.compile: compiled LoRA training step and decode vs eager and PEFT compiled"),
 }
 
 

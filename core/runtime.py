@@ -52,13 +52,18 @@ class AdapterRuntime:
     calls with different ``adapter_names`` in different threads do not see each other's rows.
     """
 
-    __slots__ = ("__weakref__", "_gate_cache", "_key", "_routed_calls", "_routing", "active", "disabled", "slots")
+    __slots__ = ("__weakref__", "_active", "_disabled", "_gate_cache", "_key", "_routed_calls", "_routing", "gates",
+                 "slots")
 
     def __init__(self) -> None:
-        self.active: tuple[str, ...] = ()
-        self.disabled: bool = False
+        self._active: tuple[str, ...] = ()
+        self._disabled: bool = False
         #: adapter name -> its column in :meth:`gate_rows` (assigned once, by :meth:`slot`, never reused)
         self.slots: dict[str, int] = {}
+        #: 1.0 at the slot of each active adapter, 0.0 elsewhere and everywhere while disabled: the gates of an
+        #: unrouted call, kept in step by the ``active``/``disabled`` setters and updated in place, so a compiled
+        #: graph reads the current values without a guard on them (see :meth:`gate_rows`)
+        self.gates = torch.zeros(0)
         self._key = next(_KEYS)
         _RUNTIMES[self._key] = self
         self._gate_cache: tuple[Any, torch.Tensor] | None = None
@@ -68,6 +73,33 @@ class AdapterRuntime:
         # common path then stays a plain attribute read, which torch.compile (Dynamo) traces without a
         # graph break; it cannot trace ContextVar.get.
         self._routed_calls = 0
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    @active.setter
+    def active(self, names: tuple[str, ...]) -> None:
+        self._active = tuple(names)
+        self._refresh_gates()
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self._refresh_gates()
+
+    def _refresh_gates(self) -> None:
+        with torch.no_grad():
+            self.gates.zero_()
+            if not self._disabled:
+                for name in self._active:
+                    column = self.slots.get(name)
+                    if column is not None:
+                        self.gates[column] = 1.0
 
     def routing(self) -> Routing | None:
         """The per-row routing of the forward call in progress, or None (all rows use ``active``)."""
@@ -92,21 +124,29 @@ class AdapterRuntime:
         """The column of adapter ``name`` in :meth:`gate_rows` (layers call it when they add the adapter)."""
         if name not in self.slots:
             self.slots[name] = len(self.slots)
+            self.gates = torch.zeros(len(self.slots))  # a new width: graphs that read it recompile (a new adapter)
+            self._refresh_gates()
         return self.slots[name]
 
     def gate_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x.shape[0], len(slots))`` in ``x``'s dtype and device: 1 where a row's adapter is on, else 0.
+        """Per-row gates for a layer inside a ``torch.compile``d graph: 1 where a row's adapter is on, else 0, as
+        a tensor indexed ``[..., slots[name]]`` that broadcasts against ``x``'s rows.
 
-        For layers inside a ``torch.compile``d graph: it is computed when the graph *runs* (a custom operator,
-        opaque to Dynamo), from the active adapters, ``disabled`` and the call's routing, so ``set_adapter``,
-        ``disable_adapter`` and mixed batches change no Python value the graph was specialised on and compile
-        nothing new. A layer computes every adapter it holds and weights each by its column (1 or 0, so exact).
+        Nothing the graph is specialised on changes with ``set_adapter``, ``disable_adapter`` or a mixed batch's
+        names, so those compile nothing new. Unrouted calls read :attr:`gates` (a ``(width,)`` tensor on the CPU,
+        updated in place; its 0-d entries act as scalars on any device). While a routed call is in flight (in any
+        thread) the graph instead calls a custom operator, opaque to Dynamo and run when the graph runs, which
+        reads this thread's routing: ``(x.shape[0], width)`` in ``x``'s dtype and device. The branch between the
+        two is the one value the graph is specialised on (so the first mixed batch compiles once more). A layer
+        computes every adapter it holds and weights each by its gate (1 or 0, so exact).
         """
-        return torch.ops.peft_core.gate_rows(x, self._key, len(self.slots))
+        if self._routed_calls:
+            return torch.ops.peft_core.gate_rows(x, self._key, len(self.slots))
+        return self.gates
 
     def _gates(self, rows: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         routing = self.routing()
-        key = (self.active, self.disabled, routing, rows, width, device, dtype)
+        key = (self._active, self._disabled, routing, rows, width, device, dtype)
         cached = self._gate_cache
         if cached is not None and cached[0] == key:
             return cached[1].clone()  # a fresh tensor: the graph owns (and may reuse) an operator's output
@@ -138,13 +178,16 @@ class AdapterRuntime:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
+        for name in state.get("slots", {}):
+            self.slot(name)
         self.active = state["active"]
         self.disabled = state["disabled"]
-        self.slots = dict(state.get("slots", {}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AdapterRuntime:
         new = AdapterRuntime()
-        new.active, new.disabled, new.slots = self.active, self.disabled, dict(self.slots)
+        for name in self.slots:
+            new.slot(name)
+        new.active, new.disabled = self.active, self.disabled
         memo[id(self)] = new
         return new
 

@@ -196,8 +196,9 @@ def test_set_adapter_disable_and_mixed_batches_compile_nothing_new(tmp_path) -> 
 
 
 def test_generate_style_routing_around_a_compiled_network_compiles_nothing_new(tmp_path) -> None:
-    """Routing set outside the compiled region (as ``generate`` does around transformers' compiled forward): no
-    mixed batch compiles anything, since the graph reads each row's gate when it runs."""
+    """Routing set outside the compiled region (as ``generate`` does around transformers' compiled forward): the
+    first mixed batch compiles its graph once (a routed call reads per-row gates through an operator); no later
+    mixed batch, whatever its names, nor going back to plain calls, compiles anything."""
     from torch._dynamo.testing import CompileCounter
 
     model = _two_served_adapters(tmp_path)
@@ -206,11 +207,42 @@ def test_generate_style_routing_around_a_compiled_network_compiles_nothing_new(t
     network = torch.compile(model.base_model, backend=counter, fullgraph=True)
     with torch.no_grad():
         network(input_ids=x)
-        for names in (["a", "b", "a"], ["b", peft_core.BASE_ROW, "b"]):
+        for i, names in enumerate((["a", "b", "a"], ["b", peft_core.BASE_ROW, "b"], ["b", "b", "a"])):
             with model._runtime.route(names):
                 got = network(input_ids=x).logits
             torch.testing.assert_close(got, model(input_ids=x, adapter_names=names).logits, rtol=0, atol=1e-6)
-    assert counter.frame_count == 1
+            assert counter.frame_count == 2, i
+        model.set_adapter("b")
+        torch.testing.assert_close(network(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+    assert counter.frame_count == 2
+
+
+def test_a_routed_call_in_one_thread_leaves_a_compiled_plain_call_in_another_alone(tmp_path) -> None:
+    """While one thread's mixed batch is in flight, the compiled graph reads gates through the operator, which
+    sees each thread's own routing: a plain call elsewhere gets the active adapter on every row."""
+    import threading
+
+    model = _two_served_adapters(tmp_path)
+    x = torch.randint(0, 128, (2, 8))
+    network = torch.compile(model.base_model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        inside, release = threading.Event(), threading.Event()
+
+        def routed() -> None:
+            with model._runtime.route(["b", peft_core.BASE_ROW]):
+                inside.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=routed)
+        worker.start()
+        assert inside.wait(10)
+        try:
+            got = network(input_ids=x).logits
+        finally:
+            release.set()
+            worker.join()
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
 
 
 def test_merging_under_compile_recompiles_and_stays_exact(tmp_path) -> None:

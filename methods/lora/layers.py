@@ -215,6 +215,8 @@ class LoraLayer(nn.Module):
         rt = self._runtime
         if rt.disabled:
             return ()
+        if torch.compiler.is_compiling():  # a graph evaluates this once; the memo write would be replayed per call
+            return tuple(n for n in rt.active if n in self.r and n not in self._restore)
         key = (rt.active, self._generation)
         memo = self.__dict__.get("_live_memo")
         if memo is not None and memo[0] == key:
@@ -405,7 +407,8 @@ class LoraLinear(ModulePairLayer):
         scalings = self.__dict__.get("_scaling_tensors", {})
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         for name in names:
-            gate = gates[:, rt.slots[name]].view(shape)
+            # a 0-d gate (the model-wide one) or one per row (a mixed batch)
+            gate = gates[rt.slots[name]] if gates.dim() == 1 else gates[:, rt.slots[name]].view(shape)
             # a tensor scaling (prepare_model_for_compiled_hotswap) is read when the graph runs, so a hot-swap
             # that changes it compiles nothing; a float is a constant of the graph
             scaling = scalings.get(name, self.scaling[name])
