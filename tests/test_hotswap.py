@@ -177,3 +177,20 @@ def test_preparation_is_refused_after_compiling_and_without_a_swappable_adapter(
     with pytest.raises(ConfigError, match="IA3 adapters cannot be hot-swapped"):
         ia3.save_pretrained(tmp_path / "ia3")
         peft_core.hotswap_adapter(ia3, tmp_path / "ia3", "default")
+
+
+def test_the_compile_page_snippets_run(monkeypatch) -> None:
+    """docs/compile.md's code blocks, in order, in one namespace (as a reader would run them); compiled with
+    Dynamo and AOTAutograd but not inductor's code generation, which takes most of the time and is not ours."""
+    import functools
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "compile.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/compile.md", "exec"), namespace)
+    assert namespace["loss"].requires_grad
