@@ -124,7 +124,8 @@ class AdapterRuntime:
         """The column of adapter ``name`` in :meth:`gate_rows` (layers call it when they add the adapter)."""
         if name not in self.slots:
             self.slots[name] = len(self.slots)
-            self.gates = torch.zeros(len(self.slots))  # a new width: graphs that read it recompile (a new adapter)
+            with torch.inference_mode(False):  # an inference tensor could not be updated outside inference mode
+                self.gates = torch.zeros(len(self.slots))  # a new width: graphs that read it recompile (new adapter)
             self._refresh_gates()
         return self.slots[name]
 
