@@ -13,7 +13,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = [f"B{i}" for i in range(1, 11)]
+BENCHES = [f"B{i}" for i in range(1, 12)]
 
 
 @pytest.fixture(scope="module")
