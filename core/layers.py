@@ -53,13 +53,13 @@ weight do it exactly with :mod:`peft_core.merging`. A layer may also offer :clas
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["AdapterLayer", "MergeableLayer", "adapter_layers", "is_adapter_layer"]
+__all__ = ["AdapterLayer", "MergeableLayer", "adapter_layers", "is_adapter_layer", "remove_adapter"]
 
 
 @runtime_checkable
@@ -123,3 +123,14 @@ def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterato
     for path, module in model.named_modules():
         if is_adapter_layer(module) and (adapter_name is None or adapter_name in module.adapter_names):  # type: ignore[attr-defined]
             yield path, module  # type: ignore[misc]
+
+
+def remove_adapter(model: nn.Module, layers: Sequence[tuple[str, Any]], adapter_name: str,
+                   holds_any: Callable[[Any], bool]) -> None:
+    """A method's ``remove`` hook over its ``(path, layer)`` pairs: ``layer.drop(adapter_name)`` on each, and a
+    layer for which ``holds_any(layer)`` is then False (no adapter left) gives its place back to its
+    ``base_layer``, so the model is the original module tree again."""
+    for path, layer in layers:
+        layer.drop(adapter_name)
+        if not holds_any(layer):
+            model.set_submodule(path, layer.base_layer)

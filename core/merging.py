@@ -22,13 +22,15 @@ describes the change from the weight *as it was* when the merge ran.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from .errors import MergeError
 
-__all__ = ["RestoreToken", "added_exactly", "check_finite", "replace_exactly", "restore_exactly"]
+__all__ = ["RestoreToken", "added_exactly", "check_finite", "merge_all_or_nothing", "replace_exactly",
+           "restore_exactly", "unmerge_all"]
 
 #: float dtype -> (same-size int view, low-part int type, low-part mask)
 _INT = {torch.float32: (torch.int32, torch.int16, 0xFFFF), torch.bfloat16: (torch.int16, torch.uint8, 0xFF),
@@ -123,3 +125,37 @@ def added_exactly(weight: torch.Tensor, delta: torch.Tensor, *, safe: bool, adap
     if safe:
         check_finite(new, adapter_name, where)
     return replace_exactly(weight, new)
+
+
+def merge_all_or_nothing(layers: Sequence[tuple[str, Any]], adapter_name: str, safe: bool, *,
+                         check: Callable[[Any, str, str], None] | None = None,
+                         merge: Callable[[Any, str, str], None] | None = None) -> None:
+    """A method's ``merge`` hook over its ``(path, layer)`` pairs: with ``safe``, every layer is checked before
+    any changes; if a merge fails part-way, the layers merged so far are unmerged again (in reverse), so the
+    model is as it was. ``check(layer, adapter_name, path)`` and ``merge(layer, adapter_name, path)`` default to
+    ``layer.check_merge(adapter_name)`` and ``layer.merge(adapter_name)``; layers unmerge with
+    ``layer.unmerge(adapter_name)``."""
+    if safe:
+        for path, layer in layers:
+            if check is None:
+                layer.check_merge(adapter_name)
+            else:
+                check(layer, adapter_name, path)
+    done: list[Any] = []
+    try:
+        for path, layer in layers:
+            if merge is None:
+                layer.merge(adapter_name)
+            else:
+                merge(layer, adapter_name, path)
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge(adapter_name)
+        raise
+
+
+def unmerge_all(layers: Sequence[tuple[str, Any]], adapter_name: str) -> None:
+    """A method's ``unmerge`` hook: ``layer.unmerge(adapter_name)`` over the pairs, last merged first."""
+    for _, layer in reversed(layers):
+        layer.unmerge(adapter_name)

@@ -598,3 +598,39 @@ def test_plugins_import_only_the_documented_api():
                 assert alias.name in public, f"{path}: {alias.name} is not a public name of {node.module}"
                 checked += 1
     assert checked > 30  # the walk really saw the plugins' imports
+
+
+def test_merge_all_or_nothing_checks_first_and_rolls_back_a_failed_merge():
+    from peft_core.merging import merge_all_or_nothing, unmerge_all
+
+    log: list[str] = []
+
+    class Layer:
+        def __init__(self, name: str, fails: bool = False, bad: bool = False) -> None:
+            self.name, self.fails, self.bad = name, fails, bad
+
+        def check_merge(self, adapter: str) -> None:
+            log.append(f"check {self.name}")
+            if self.bad:
+                raise MergeError(f"{self.name} not finite")
+
+        def merge(self, adapter: str) -> None:
+            if self.fails:
+                raise MergeError(f"{self.name} failed")
+            log.append(f"merge {self.name}")
+
+        def unmerge(self, adapter: str) -> None:
+            log.append(f"unmerge {self.name}")
+
+    layers = [("a", Layer("a")), ("b", Layer("b")), ("c", Layer("c", fails=True))]
+    with pytest.raises(MergeError, match="c failed"):
+        merge_all_or_nothing(layers, "x", safe=False)
+    assert log == ["merge a", "merge b", "unmerge b", "unmerge a"]
+    log.clear()
+    with pytest.raises(MergeError, match="b not finite"):
+        merge_all_or_nothing([("a", Layer("a")), ("b", Layer("b", bad=True))], "x", safe=True)
+    assert log == ["check a", "check b"]  # nothing merged before every layer passed its check
+    log.clear()
+    merge_all_or_nothing(layers[:2], "x", safe=True, merge=lambda layer, name, path: log.append(f"{path}:{name}"))
+    unmerge_all(layers[:2], "x")
+    assert log == ["check a", "check b", "a:x", "b:x", "unmerge b", "unmerge a"]

@@ -22,6 +22,8 @@ import torch
 from peft_core import MethodSpec, TaskType, hookimpl
 from peft_core.compat import MODEL_PREFIX, adapter_keys_from_disk, model_to_disk_key
 from peft_core.errors import AdapterError, ConfigError, TargetError
+from peft_core.layers import remove_adapter
+from peft_core.merging import merge_all_or_nothing, unmerge_all
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import find_targets
 from torch import nn
@@ -173,25 +175,19 @@ class AdaLoraPlugin:
     @hookimpl
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
         layers = layers_of(model, adapter_name)
-        if safe:  # every layer is checked before any changes
-            for path, layer in layers:
-                layer.check_merge(adapter_name, path)
-        for path, layer in layers:
-            layer.merge(adapter_name, safe=False, where=path)
+        merge_all_or_nothing(layers, adapter_name, safe,
+                             check=lambda layer, name, path: layer.check_merge(name, path),
+                             merge=lambda layer, name, path: layer.merge(name, safe=False, where=path))
         return True
 
     @hookimpl
     def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
-        for _, layer in layers_of(model, adapter_name):
-            layer.unmerge(adapter_name)
+        unmerge_all(layers_of(model, adapter_name), adapter_name)
         return True
 
     @hookimpl
     def remove(self, model: nn.Module, adapter_name: str) -> bool:
-        for path, layer in layers_of(model, adapter_name):
-            layer.drop(adapter_name)
-            if not layer.lora_A:
-                model.set_submodule(path, layer.base_layer)
+        remove_adapter(model, layers_of(model, adapter_name), adapter_name, lambda layer: bool(layer.lora_A))
         return True
 
     @hookimpl

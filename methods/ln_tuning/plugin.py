@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from peft_core import MethodSpec, TaskType, hookimpl
 from peft_core.compat import DISK_MODEL_PREFIX, MODEL_PREFIX, disk_to_model_key, model_to_disk_key
+from peft_core.layers import remove_adapter
+from peft_core.merging import unmerge_all
 from peft_core.runtime import AdapterRuntime
 from torch import nn
 
@@ -90,16 +92,12 @@ class LNTuningPlugin:
 
     @hookimpl
     def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
-        for _, layer in _layers(model, adapter_name):
-            layer.unmerge(adapter_name)
+        unmerge_all(_layers(model, adapter_name), adapter_name)
         return True
 
     @hookimpl
     def remove(self, model: nn.Module, adapter_name: str) -> bool:
-        for path, layer in _layers(model, adapter_name):
-            layer.drop(adapter_name)
-            if not layer.ln_tuning_layers:
-                model.set_submodule(path, layer.base_layer)
+        remove_adapter(model, _layers(model, adapter_name), adapter_name, lambda layer: bool(layer.ln_tuning_layers))
         return True
 
 

@@ -17,7 +17,8 @@ from peft_core.compat import (
     model_to_disk_key,
 )
 from peft_core.errors import CheckpointError, MergeError, TargetError
-from peft_core.layers import is_adapter_layer
+from peft_core.layers import is_adapter_layer, remove_adapter
+from peft_core.merging import merge_all_or_nothing, unmerge_all
 from peft_core.runtime import AdapterRuntime
 from peft_core.targeting import DEFAULT_ATTENTION_TARGETS
 from peft_core.targeting import find_targets as _find_targets
@@ -190,32 +191,17 @@ class OFTPlugin:
     def merge(self, model: nn.Module, adapter_name: str, safe: bool) -> bool:
         layers = _layers(model, adapter_name)
         _refuse_tied_merge(model, layers, adapter_name)
-        if safe:  # every layer is checked before any changes
-            for _, layer in layers:
-                layer.check_merge(adapter_name)
-        done: list[OFTLayer] = []
-        try:
-            for _, layer in layers:
-                layer.merge(adapter_name)
-                done.append(layer)
-        except BaseException:
-            for layer in reversed(done):  # all or nothing
-                layer.unmerge(adapter_name)
-            raise
+        merge_all_or_nothing(layers, adapter_name, safe)
         return True
 
     @hookimpl
     def unmerge(self, model: nn.Module, adapter_name: str) -> bool:
-        for _, layer in reversed(_layers(model, adapter_name)):
-            layer.unmerge(adapter_name)
+        unmerge_all(_layers(model, adapter_name), adapter_name)
         return True
 
     @hookimpl
     def remove(self, model: nn.Module, adapter_name: str) -> bool:
-        for path, layer in _layers(model, adapter_name):
-            layer.drop(adapter_name)
-            if not layer.params:
-                model.set_submodule(path, layer.base_layer)
+        remove_adapter(model, _layers(model, adapter_name), adapter_name, lambda layer: bool(layer.params))
         return True
 
 
