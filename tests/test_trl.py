@@ -84,3 +84,40 @@ def test_sft_trains_checkpoints_the_adapter_and_resumes(tmp_path):
     got = adapter(again)
     for k in trained:
         torch.testing.assert_close(got[k], trained[k], rtol=0, atol=1e-5)
+
+
+class _GradProbe:
+    """Records, before the first optimiser step, the gradient norm of every trainable parameter."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Probe(TrainerCallback):
+            def __init__(self) -> None:
+                self.norms: dict[str, float] = {}
+                self.checkpointing = False
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if not self.norms:
+                    self.checkpointing = bool(model.get_base_model().is_gradient_checkpointing)
+                    self.norms = {n: (0.0 if p.grad is None else float(p.grad.norm()))
+                                  for n, p in model.named_parameters() if p.requires_grad}
+
+        return Probe()
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-default", "fp32"])
+def test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp_path, bf16):
+    """TRL's defaults (bf16=True, gradient_checkpointing=True, on the CPU too), and bf16=False, whose loss path
+    calls model(..., fused_lm_head=True) on the wrapper."""
+    from peft_core.integrations.trl import SFTTrainer
+
+    model = lora_model()
+    probe = _GradProbe()
+    args = sft_config(tmp_path, max_steps=1, bf16=bf16, gradient_checkpointing=True, save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer(),
+                         callbacks=[probe])
+    trainer.train()
+    assert probe.checkpointing
+    assert probe.norms and all(n.count("lora_") for n in probe.norms)
+    assert all(v > 0 for v in probe.norms.values()), probe.norms
