@@ -121,3 +121,70 @@ def test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp_path, bf16):
     assert probe.checkpointing
     assert probe.norms and all(n.count("lora_") for n in probe.norms)
     assert all(v > 0 for v in probe.norms.values()), probe.norms
+
+
+def dpo_config(output_dir, **kw):
+    from trl import DPOConfig
+
+    base = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
+                report_to=[], use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True, save_steps=3,
+                dataloader_num_workers=0, max_length=32, bf16=False)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def test_dpo_uses_the_policy_with_adapters_disabled_as_reference(tmp_path):
+    from peft_core.integrations.trl import DPOTrainer
+
+    model = lora_model()  # random (non-identity) LoRA init: the policy differs from its base from the start
+    trainer = DPOTrainer(model=model, args=dpo_config(tmp_path / "run"), train_dataset=dpo_data(),
+                         processing_class=tokenizer())
+    assert trainer.ref_model is None
+    assert list(model.peft_config) == ["default"]  # no second ("ref") adapter is held
+
+    calls = []
+    original = type(model).disable_adapter
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+    type(model).disable_adapter = counting
+    try:
+        trainer.train()
+    finally:
+        type(model).disable_adapter = original
+    assert len(calls) == 3  # the reference forward of each step
+    assert any(h.get("loss") is not None for h in trainer.state.log_history)
+
+    # the reference log-probs are the base model's: same sums with the adapter removed entirely
+    base = tiny_llama()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = torch.log_softmax(logits.float(), -1)
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    per_token = torch.gather(logps, 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    expected = per_token.sum(1)
+    chosen, rejected = expected.chunk(2)
+    torch.testing.assert_close(ref_chosen, chosen, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, rejected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and the policy's are not (so the check above is not vacuous)
+        policy = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert not torch.allclose(policy, logits, atol=1e-3)
+    files = set(os.listdir(tmp_path / "run" / "checkpoint-3"))
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+
+
+def test_dpo_with_a_peft_core_peft_config_wraps_the_base(tmp_path):
+    from peft_core import AdaptedModel, LoraConfig
+    from peft_core.integrations.trl import DPOTrainer
+
+    trainer = DPOTrainer(model=tiny_llama(), args=dpo_config(tmp_path, max_steps=1, save_strategy="no"),
+                         train_dataset=dpo_data(4), processing_class=tokenizer(),
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", r=2))
+    assert isinstance(trainer.model, AdaptedModel) and trainer.ref_model is None
+    trainer.train()
