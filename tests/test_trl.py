@@ -188,3 +188,41 @@ def test_dpo_with_a_peft_core_peft_config_wraps_the_base(tmp_path):
                          peft_config=LoraConfig(task_type="CAUSAL_LM", r=2))
     assert isinstance(trainer.model, AdaptedModel) and trainer.ref_model is None
     trainer.train()
+
+
+def test_sft_matches_trl_with_hugging_face_peft(tmp_path):
+    """The same LoRA weights trained by TRL through PEFT and through peft-core: the same losses, step by step."""
+    import peft
+    import trl
+    from peft_core import PeftModel
+    from peft_core.integrations.trl import SFTTrainer
+
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "init")
+    ours = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "init"), is_trainable=True)
+
+    runs = []
+    for cls, model, name in ((trl.SFTTrainer, theirs, "peft"), (SFTTrainer, ours, "ours")):
+        trainer = cls(model=model, args=sft_config(tmp_path / name, max_steps=4, save_strategy="no"),
+                      train_dataset=sft_data(), processing_class=tokenizer())
+        trainer.train()
+        runs.append(losses(trainer))
+    assert len(runs[0]) == 4
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_trl_module_names_are_restored_and_errors_are_clear(tmp_path):
+    import accelerate.utils
+    import trl.trainer.dpo_trainer as dpo
+    import trl.trainer.sft_trainer as sft
+    from peft_core import LoraConfig
+    from peft_core.integrations.trl import SFTTrainer
+
+    SFTTrainer(model=lora_model(), args=sft_config(tmp_path, max_steps=1), train_dataset=sft_data(4),
+               processing_class=tokenizer())
+    assert sft.is_peft_model is accelerate.utils.is_peft_model and dpo.is_peft_model is accelerate.utils.is_peft_model
+    assert not sft.is_peft_model(lora_model())  # outside our trainers TRL is untouched
+    with pytest.raises(ValueError, match="peft_config"):
+        SFTTrainer(model=lora_model(), args=sft_config(tmp_path, max_steps=1), train_dataset=sft_data(4),
+                   processing_class=tokenizer(), peft_config=LoraConfig(task_type="CAUSAL_LM"))

@@ -74,7 +74,15 @@ class AdapterTrainerMixin:
         super().__init__(*args, **kwargs)
         self.add_callback(OptimizerStepCallback())
         adapted = self._adapted()
-        if adapted is not None and self.args.gradient_checkpointing:
+        if adapted is not None and self.args.label_names is None:
+            # the Trainer reads the label names off the model class's forward (unwrapping only PEFT's PeftModel);
+            # peft-core's wrapper forwards generic arguments, so ask the base model's class. Without them
+            # evaluation reports no eval_loss, and load_best_model_at_end has no metric to pick by.
+            from transformers.utils import find_labels
+
+            self.label_names = find_labels(type(adapted.get_base_model()))
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing
+        if adapted is not None and checkpointing:
             # transformers only does this for its own PEFT integration; without it the checkpointed blocks see
             # inputs that need no grad and, with the base frozen, the adapters inside them get none
             adapted.enable_input_require_grads()
