@@ -226,3 +226,45 @@ def test_trl_module_names_are_restored_and_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="peft_config"):
         SFTTrainer(model=lora_model(), args=sft_config(tmp_path, max_steps=1), train_dataset=sft_data(4),
                    processing_class=tokenizer(), peft_config=LoraConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="lm_head"):
+        SFTTrainer(model=tiny_llama(), args=sft_config(tmp_path, max_steps=1), train_dataset=sft_data(4),
+                   processing_class=tokenizer(),
+                   peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"]))
+
+
+_WITHOUT_PEFT = r'''
+import importlib.abc, importlib.util, pathlib, sys, tempfile
+
+real_find_spec = importlib.util.find_spec
+
+def find_spec(name, package=None):  # what transformers, accelerate and TRL ask to learn whether PEFT is there
+    return None if name.split(".")[0] == "peft" else real_find_spec(name, package)
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "peft":
+            raise ModuleNotFoundError(name)
+
+importlib.util.find_spec = find_spec
+sys.meta_path.insert(0, Hide())
+sys.path.insert(0, sys.argv[1])
+import test_trl
+
+tmp = pathlib.Path(tempfile.mkdtemp())
+test_trl.test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp / "sft", True)
+test_trl.test_dpo_uses_the_policy_with_adapters_disabled_as_reference(tmp / "dpo")
+assert "peft" not in sys.modules
+print("trained without peft")
+'''
+
+
+def test_trainers_work_without_hugging_face_peft_installed():
+    """TRL binds PEFT's names only when PEFT is installed; the trainers must not need them."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_PEFT, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained without peft" in done.stdout

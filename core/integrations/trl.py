@@ -40,6 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("peft_core.integrations.trl needs TRL: pip install peft-core[trl]") from e
 
 from ..config import PeftConfig
+from ..layers import is_adapter_layer
 from ..model import AdaptedModel
 from .transformers import AdapterTrainerMixin, _unwrap
 
@@ -135,7 +136,13 @@ def _wrap_with_peft_core(model: Any, peft_config: Any) -> tuple[Any, Any]:
             raise TypeError("with a peft-core peft_config, pass the base model itself, not its name")
         from ..peft_model import get_peft_model
 
-        return get_peft_model(model, peft_config), None
+        model, peft_config = get_peft_model(model, peft_config), None
+    adapted = _peft_core_model(model)
+    if adapted is not None and is_adapter_layer(adapted.get_base_model().get_output_embeddings()):
+        # TRL's fused head multiplies by lm_head.weight itself (its own check knows only PEFT's layers): an adapter
+        # there would neither count in the loss nor train
+        raise ValueError("an adapter on the LM head (lm_head) is not supported by TRL's trainers: they compute the "
+                         "log-probabilities from lm_head.weight directly; remove it from target_modules")
     return model, peft_config
 
 
