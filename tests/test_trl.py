@@ -268,3 +268,16 @@ def test_trainers_work_without_hugging_face_peft_installed():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained without peft" in done.stdout
+
+
+def test_stock_trl_trainer_is_pointed_to_this_module(tmp_path):
+    """TRL's own SFTTrainer on a peft-core model takes its full-model paths; building it says where ours are."""
+    import trl
+
+    with pytest.warns(UserWarning, match=r"peft_core\.integrations\.trl\.SFTTrainer"):
+        stock = trl.SFTTrainer(model=lora_model(), args=sft_config(tmp_path, max_steps=1, bf16=False),
+                               train_dataset=sft_data(4), processing_class=tokenizer())
+    # the failure the integration exists for: TRL patched its fused head onto the wrapper, which then finds no
+    # backbone output
+    with pytest.raises(AttributeError, match="last_hidden_state"):
+        stock.train()
