@@ -281,3 +281,32 @@ def test_stock_trl_trainer_is_pointed_to_this_module(tmp_path):
     # backbone output
     with pytest.raises(AttributeError, match="last_hidden_state"):
         stock.train()
+
+
+def test_dpo_matches_trl_with_hugging_face_peft(tmp_path):
+    """TRL's DPO with a PEFT LoRA (from peft_config: reference = adapters disabled) and ours from the same initial
+    weights: the same losses and rewards, step by step; only the adapter trains."""
+    import peft
+    import trl
+    from peft_core import PeftModel
+    from peft_core.integrations.trl import DPOTrainer
+
+    torch.manual_seed(2)
+    theirs = trl.DPOTrainer(model=tiny_llama(), args=dpo_config(tmp_path / "peft", save_strategy="no"),
+                            train_dataset=dpo_data(), processing_class=tokenizer(),
+                            peft_config=peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    theirs.model.save_pretrained(tmp_path / "init")
+    model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "init"), is_trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = adapter(model)
+    ours = DPOTrainer(model=model, args=dpo_config(tmp_path / "ours", save_strategy="no"),
+                      train_dataset=dpo_data(), processing_class=tokenizer())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    theirs.train()
+    ours.train()
+    assert any(not torch.equal(before[k], v) for k, v in adapter(model).items())
+    keys = ("loss", "rewards/chosen", "rewards/rejected")
+    got = [[h[k] for k in keys] for h in ours.state.log_history if "loss" in h]
+    want = [[h[k] for k in keys] for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-5)

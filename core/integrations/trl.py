@@ -89,6 +89,8 @@ def _peft_view(module: types.ModuleType) -> Iterator[None]:
         saved = {name: module.__dict__.get(name, _MISSING) for name in _SWAPPED}
         _ORIGINALS[key] = saved
         original_is_peft = saved["is_peft_model"]
+        if original_is_peft is _MISSING:  # a TRL that stopped importing it: PEFT's own models still count
+            from accelerate.utils import is_peft_model as original_is_peft
 
         def is_peft_model(model: Any) -> bool:
             return _peft_core_model(model) is not None or bool(original_is_peft(model))
