@@ -46,6 +46,13 @@ from .transformers import AdapterTrainerMixin, _unwrap
 
 __all__ = ["DPOTrainer", "SFTTrainer"]
 
+#: the names of a TRL trainer module that a peft-core view replaces while one of our trainers' methods runs
+_SWAPPED = ("is_peft_model", "use_adapter", "BaseTunerLayer", "LoraConfig")
+_MISSING = object()
+#: per TRL module (by id): its own values of _SWAPPED while a view is held, and how many holds are open
+_ORIGINALS: dict[int, dict[str, Any]] = {}
+_DEPTH: dict[int, int] = {}
+
 
 class _NeverMatches:
     """Stands in for the PEFT classes TRL checks with ``isinstance`` where PEFT is not installed."""
@@ -74,10 +81,6 @@ def _use_adapter(model: Any, adapter_name: str | None) -> Iterator[None]:
         yield
     finally:
         adapted.set_adapter(previous)
-
-
-_ORIGINALS: dict[int, dict[str, Any]] = {}
-_DEPTH: dict[int, int] = {}
 
 
 @contextlib.contextmanager
@@ -112,10 +115,6 @@ def _peft_view(module: types.ModuleType) -> Iterator[None]:
                     module.__dict__.pop(name, None)
                 else:
                     setattr(module, name, value)
-
-
-_MISSING = object()
-_SWAPPED = ("is_peft_model", "use_adapter", "BaseTunerLayer", "LoraConfig")
 
 
 def _in_view(module: types.ModuleType) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
