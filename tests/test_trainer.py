@@ -115,6 +115,9 @@ def test_mixin_loads_the_best_adapter_and_gives_lora_gradients_under_checkpointi
                              use_cpu=True, learning_rate=1e-2, seed=0, disable_tqdm=True,
                              gradient_checkpointing=True, metric_for_best_model="loss", greater_is_better=False)
     trainer = MyTrainer(model=model, args=args, train_dataset=Copy(), eval_dataset=Copy(), callbacks=[probe])
+    # from construction on (the Trainer's own call, for text models, comes only in train()), the frozen
+    # embeddings' output requires grad, so reentrant checkpointing passes gradients to the adapters inside
+    assert model.get_input_embeddings()(torch.tensor([[3, 4]])).requires_grad
     trainer.train()
     assert probe.norms and all(v > 0 for v in probe.norms.values())
     best = trainer.state.best_model_checkpoint

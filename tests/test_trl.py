@@ -106,15 +106,18 @@ class _GradProbe:
         return Probe()
 
 
-@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-default", "fp32"])
-def test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp_path, bf16):
-    """TRL's defaults (bf16=True, gradient_checkpointing=True, on the CPU too), and bf16=False, whose loss path
-    calls model(..., fused_lm_head=True) on the wrapper."""
+@pytest.mark.parametrize(("bf16", "reentrant"), [(True, False), (False, False), (True, True)],
+                         ids=["bf16-default", "fp32", "bf16-reentrant"])
+def test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp_path, bf16, reentrant):
+    """TRL's defaults (bf16=True, gradient_checkpointing=True, on the CPU too), bf16=False (whose loss path
+    calls model(..., fused_lm_head=True)), and reentrant checkpointing, where only inputs that require grad carry
+    gradients through a checkpointed block (so the embeddings' output must require grad)."""
     from peft_core.integrations.trl import SFTTrainer
 
     model = lora_model()
     probe = _GradProbe()
-    args = sft_config(tmp_path, max_steps=1, bf16=bf16, gradient_checkpointing=True, save_strategy="no")
+    args = sft_config(tmp_path, max_steps=1, bf16=bf16, gradient_checkpointing=True, save_strategy="no",
+                      gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer(),
                          callbacks=[probe])
     trainer.train()
@@ -251,7 +254,7 @@ sys.path.insert(0, sys.argv[1])
 import test_trl
 
 tmp = pathlib.Path(tempfile.mkdtemp())
-test_trl.test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp / "sft", True)
+test_trl.test_sft_lora_gets_gradients_under_gradient_checkpointing(tmp / "sft", True, False)
 test_trl.test_dpo_uses_the_policy_with_adapters_disabled_as_reference(tmp / "dpo")
 assert "peft" not in sys.modules
 print("trained without peft")
