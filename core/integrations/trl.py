@@ -170,12 +170,24 @@ class DPOTrainer(AdapterTrainerMixin, trl.DPOTrainer):
         if had_ref:
             raise ValueError("the model already has an adapter named 'ref'; TRL adds its own reference adapter under "
                              "that name: rename it")
+        # TRL copies a pre-wrapped PEFT model's adapter into a frozen "ref" adapter and uses it as the reference;
+        # peft-core's reference is the base itself (disable_adapter), as for a model TRL wraps from a peft_config,
+        # so that copy is dropped as soon as TRL has made it: before any precomputed reference, and for training
+        self._peft_core_drop_ref = adapted is not None and ref_model is None
         with _peft_view(_trl_dpo):
             super().__init__(model, ref_model, *args, peft_config=peft_config, **kwargs)
-        if adapted is not None and ref_model is None and "ref" in adapted.peft_config:
-            # TRL copies a pre-wrapped PEFT model's adapter to a frozen "ref" adapter; peft-core's reference is the
-            # base itself (disable_adapter), as for a model TRL wraps from a peft_config: no second adapter held
+        self._drop_trl_ref_adapter()
+
+    def _drop_trl_ref_adapter(self) -> None:
+        adapted = _peft_core_model(self.model)
+        if self._peft_core_drop_ref and adapted is not None and "ref" in adapted.peft_config:
             adapted.delete_adapter("ref")
+        self._peft_core_drop_ref = False
+
+    @_in_view(_trl_dpo)
+    def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+        self._drop_trl_ref_adapter()
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     compute_ref_log_probs = _in_view(_trl_dpo)(trl.DPOTrainer.compute_ref_log_probs)
     _compute_loss = _in_view(_trl_dpo)(trl.DPOTrainer._compute_loss)
