@@ -339,3 +339,21 @@ def test_dpo_precomputed_reference_and_sft_from_a_peft_core_config(tmp_path):
                      peft_config=LoraConfig(task_type="CAUSAL_LM", r=2))
     assert isinstance(sft.model, AdaptedModel)
     sft.train()
+
+
+def test_dpo_resumes_from_an_adapter_checkpoint(tmp_path):
+    from peft_core.integrations.trl import DPOTrainer
+
+    def run(resume=None):
+        model = lora_model()
+        trainer = DPOTrainer(model=model, args=dpo_config(tmp_path / "run", max_steps=4, save_steps=2),
+                             train_dataset=dpo_data(), processing_class=tokenizer())
+        trainer.train(resume_from_checkpoint=resume)
+        return adapter(model)
+
+    whole = run()
+    files = set(os.listdir(tmp_path / "run" / "checkpoint-2"))
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    again = run(str(tmp_path / "run" / "checkpoint-2"))
+    for k in whole:
+        torch.testing.assert_close(again[k], whole[k], rtol=0, atol=1e-5)
