@@ -357,3 +357,22 @@ def test_dpo_resumes_from_an_adapter_checkpoint(tmp_path):
     again = run(str(tmp_path / "run" / "checkpoint-2"))
     for k in whole:
         torch.testing.assert_close(again[k], whole[k], rtol=0, atol=1e-5)
+
+
+def test_trl_stays_optional():
+    """Only peft_core.integrations.trl imports trl; without trl it says which extra to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import peft_core, peft_core.integrations.transformers\n"
+            "assert 'trl' not in sys.modules, 'trl imported by the core'\n"
+            "sys.modules['trl'] = None\n"
+            "try:\n"
+            "    import peft_core.integrations.trl\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install peft-core[trl]" in done.stdout
