@@ -722,9 +722,14 @@ def _warn_if_stock_trainer(caller: object) -> None:
         return
     if getattr(caller, "_peft_core_adapter_checkpoints", False):  # built with peft-core's integration
         return
+    cls = type(caller)
+    # a TRL trainer also takes its full-model paths (fused LM head, DPO's reference model): point to our versions
+    trl_hint = (f" For TRL, use peft_core.integrations.trl.{cls.__name__} if it exists, else put "
+                "AdapterTrainerMixin first in its bases." if cls.__module__.split(".")[0] == "trl" else "")
     warnings.warn(
-        f"{type(caller).__name__} is a transformers Trainer that does not know peft-core models: its checkpoints "
+        f"{cls.__name__} is a transformers Trainer that does not know peft-core models: its checkpoints "
         "would hold the whole model's state dict, and on tied-weight models (GPT-2, T5) the first checkpoint fails "
         "with 'Some tensors share memory'. Use peft_core.integrations.transformers.AdapterTrainer (adapter-only "
-        "checkpoints, resume, best-model loading), or save with model.save_pretrained().",
+        "checkpoints, resume, best-model loading), or AdapterTrainerMixin on your own Trainer subclass, or save "
+        f"with model.save_pretrained().{trl_hint}",
         UserWarning, stacklevel=4)  # warn, this helper, the property, Trainer.__init__: the user's Trainer(...) line

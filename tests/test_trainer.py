@@ -88,3 +88,49 @@ def test_the_stock_trainer_is_warned_about_at_construction_not_at_the_first_chec
             cls(model=model, args=args, train_dataset=Copy())
     # the attribute the Trainer reads is the base model's, as before
     assert model.is_distributed_loading_by_transformers is False
+
+
+def test_mixin_loads_the_best_adapter_and_gives_lora_gradients_under_checkpointing(tmp_path):
+    """AdapterTrainerMixin on a user's own Trainer subclass: load_best_model_at_end loads the best checkpoint's
+    adapter, and with gradient_checkpointing=True the LoRA weights still get gradients."""
+    from peft_core import LoraConfig, get_peft_model
+    from peft_core.integrations.transformers import AdapterTrainerMixin
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class MyTrainer(AdapterTrainerMixin, Trainer):
+        pass
+
+    class Probe(TrainerCallback):
+        norms: dict[str, float] = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not self.norms:
+                self.norms = {n: float(p.grad.norm()) if p.grad is not None else 0.0
+                              for n, p in model.named_parameters() if p.requires_grad}
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    probe = Probe()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, save_steps=2,
+                             eval_steps=2, eval_strategy="steps", load_best_model_at_end=True, report_to=[],
+                             use_cpu=True, learning_rate=1e-2, seed=0, disable_tqdm=True,
+                             gradient_checkpointing=True, metric_for_best_model="loss", greater_is_better=False)
+    trainer = MyTrainer(model=model, args=args, train_dataset=Copy(), eval_dataset=Copy(), callbacks=[probe])
+    # from construction on (the Trainer's own call, for text models, comes only in train()), the frozen
+    # embeddings' output requires grad, so reentrant checkpointing passes gradients to the adapters inside
+    assert model.get_input_embeddings()(torch.tensor([[3, 4]])).requires_grad
+    trainer.train()
+    assert probe.norms and all(v > 0 for v in probe.norms.values())
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    from peft_core.serialization import load_weights
+
+    saved = load_weights(os.path.join(best, "adapter_model.safetensors"))
+    with torch.no_grad():  # spoil the weights: loading the best checkpoint must bring them back
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    trainer._load_best_model()
+    now = model.get_adapter_state_dict()
+    assert saved.keys() == now.keys()
+    for k in saved:
+        torch.testing.assert_close(now[k], saved[k])

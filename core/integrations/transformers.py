@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from ..model import AdaptedModel
 from ..serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights
 
-__all__ = ["AdapterTrainer", "OptimizerStepCallback"]
+__all__ = ["AdapterTrainer", "AdapterTrainerMixin", "OptimizerStepCallback"]
 
 _TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -55,9 +55,17 @@ def _unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
     return model
 
 
-class AdapterTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints of a peft-core model hold only the adapter(s), and which
-    drives the adapters' ``on_optimizer_step`` schedules (:class:`OptimizerStepCallback`)."""
+class AdapterTrainerMixin:
+    """Teaches any ``transformers.Trainer`` subclass (TRL's trainers included) what it does for PEFT's
+    ``PeftModel``, for a peft-core model: checkpoints hold only the adapter(s) (what ``save_pretrained``
+    writes), ``resume_from_checkpoint`` and ``load_best_model_at_end`` load them back, the adapters'
+    ``on_optimizer_step`` schedules run (:class:`OptimizerStepCallback`), and under
+    ``gradient_checkpointing=True`` the embeddings' output requires grad, so that a frozen, checkpointed
+    base still passes gradients to the adapters. Put it first in the bases::
+
+        class MyTrainer(AdapterTrainerMixin, SomeTrainer): ...
+
+    For any other model every override hands over to the Trainer's own behaviour."""
 
     #: Read by AdaptedModel: a Trainer with this mark checkpoints adapters, so the stock-Trainer warning is not given.
     _peft_core_adapter_checkpoints = True
@@ -65,6 +73,19 @@ class AdapterTrainer(transformers.Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(OptimizerStepCallback())
+        adapted = self._adapted()
+        if adapted is not None and self.args.label_names is None:
+            # the Trainer reads the label names off the model class's forward (unwrapping only PEFT's PeftModel);
+            # peft-core's wrapper forwards generic arguments, so ask the base model's class. Without them
+            # evaluation reports no eval_loss, and load_best_model_at_end has no metric to pick by.
+            from transformers.utils import find_labels
+
+            self.label_names = find_labels(type(adapted.get_base_model()))
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing
+        if adapted is not None and checkpointing:
+            # transformers only does this for its own PEFT integration; without it the checkpointed blocks see
+            # inputs that need no grad and, with the base frozen, the adapters inside them get none
+            adapted.enable_input_require_grads()
 
     def _adapted(self, model: torch.nn.Module | None = None) -> AdaptedModel | None:
         inner = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -108,3 +129,8 @@ class AdapterTrainer(transformers.Trainer):
             super()._load_best_model()
             return
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class AdapterTrainer(AdapterTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` with :class:`AdapterTrainerMixin`: checkpoints of a peft-core model hold only the
+    adapter(s), and the adapters' ``on_optimizer_step`` schedules run (:class:`OptimizerStepCallback`)."""
