@@ -297,3 +297,32 @@ def test_prompt_methods_compile_fullgraph_in_forward_and_training(make) -> None:
     torch.testing.assert_close(loss, eager, rtol=0, atol=1e-5)
     for n, g in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
+def test_set_adapter_and_disable_compile_nothing_new_on_other_models(tmp_path, name) -> None:
+    from conftest import MODELS, model_inputs
+    from torch._dynamo.testing import CompileCounter
+
+    for i, folder in enumerate(("a", "b")):
+        source = _lively_lora(name)
+        torch.manual_seed(10 + i)
+        for n, p in source.named_parameters():
+            if "lora_" in n:
+                torch.nn.init.normal_(p, std=0.5)  # two different adapters
+        source.save_pretrained(tmp_path / folder)
+    model = peft_core.PeftModel.from_pretrained(MODELS[name](), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    inputs = model_inputs(name)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    outs = []
+    with torch.no_grad():
+        for switch in (lambda: None, lambda: model.set_adapter("b"), lambda: model.set_adapter("a")):
+            switch()
+            outs.append(compiled(**inputs).logits)
+            torch.testing.assert_close(outs[-1], model(**inputs).logits, rtol=0, atol=1e-5)
+        with model.disable_adapter():
+            torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
+    assert counter.frame_count == 1
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)
