@@ -326,3 +326,27 @@ def test_set_adapter_and_disable_compile_nothing_new_on_other_models(tmp_path, n
             torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
     assert counter.frame_count == 1
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_bf16_model_with_fp32_adapters_compiles_to_eager_rounding() -> None:
+    """fp32 adapters on a bf16 model (autocast_adapter_dtype): the compiled update is summed in fp32 and rounded
+    once, as eager's few-token route does, so compiled and eager agree to bf16's last bit here."""
+    model = _lively_lora("llama")
+    model = peft_core.PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), _saved(model)).eval()
+    assert model.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        eager = model(input_ids=x).logits
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=x).logits
+    assert not torch.equal(eager, base)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+
+
+def _saved(model):
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    return folder

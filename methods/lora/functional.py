@@ -163,9 +163,14 @@ def lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
 
 def _lora_linear_gated(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                        scaling: float | torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    if result.dtype != x.dtype:
+        result = result.to(x.dtype)
+    if a.dtype == torch.float32 and x.dtype in _HALF:
+        # fp32 adapters on a half-precision model (autocast_adapter_dtype): inference only, so the fp32 copy of the
+        # activations is transient; the sum is rounded once, as on the eager few-token route
+        delta = (x.float() @ a.t() @ b.t()) * (gate.float() * scaling)
+        return (result.float() + delta).to(x.dtype)
     if a.dtype != x.dtype:
         a = a.to(x.dtype)
         b = b.to(x.dtype)
-    if result.dtype != x.dtype:
-        result = result.to(x.dtype)
     return result + (x @ a.t() @ b.t()) * (gate.to(x.dtype) * scaling)
