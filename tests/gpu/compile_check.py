@@ -104,7 +104,8 @@ def check(device: str, dtype: torch.dtype, mode: str | None) -> list[tuple[str, 
         for name in ("c", "b"):
             peft_core.hotswap_adapter(server, f"{tmp}/{name}", "default", torch_device=device)
             fresh = peft_core.PeftModel.from_pretrained(_tiny(device, dtype), f"{tmp}/{name}")
-            compare(f"hot-swap to {name}", lambda: network(input_ids=x).logits, lambda fresh=fresh: fresh(input_ids=x).logits)
+            compare(f"hot-swap to {name}", lambda: network(input_ids=x).logits,
+                    lambda fresh=fresh: fresh(input_ids=x).logits)
         graphs = counters["stats"]["unique_graphs"]
         out.append(("no recompile on hot-swap", graphs == 1, f"{graphs} graph(s)"))
     return out
