@@ -24,7 +24,8 @@ import attrs
 from .errors import ConfigError
 from .tasks import PeftType, TaskType
 
-__all__ = ["ANY", "CONFIG_NAME", "FrozenDict", "PeftConfig", "check", "short_repr", "to_str_tuple"]
+__all__ = ["ANY", "CONFIG_NAME", "FrozenDict", "PeftConfig", "check", "check_layer_indices", "short_repr",
+           "to_layer_indices", "to_str_tuple"]
 
 _FLOAT_MAX = sys.float_info.max
 
@@ -124,6 +125,22 @@ def to_str_tuple(value: Any) -> Any:
         # sets have no order; sort so equal configs serialize identically
         return tuple(sorted(items)) if isinstance(value, (set, frozenset)) else tuple(items)
     return value  # left for the field's validator to reject with its name
+
+
+def to_layer_indices(value: Any) -> Any:
+    """Converter for ``layers_to_transform``: a list (JSON's form) becomes a tuple; an int or None stays."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_layer_indices(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator for ``layers_to_transform``: None, one layer index, or a tuple of them (ints >= 0, not bools)."""
+    if value is None:
+        return
+    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in items):
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be a layer index or a list of indices "
+                          f"(int >= 0), got {short_repr(value)}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import ANY, FrozenDict, PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import ANY, FrozenDict, PeftConfig, check, short_repr, to_layer_indices, to_str_tuple
 from peft_core.errors import ConfigError
 
 __all__ = ["AdaLoraConfig"]
@@ -33,10 +33,6 @@ def _rank_pattern_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> N
         if not isinstance(mask, tuple) or not all(isinstance(b, bool) for b in mask):
             raise ConfigError(f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of booleans, got "
                               f"{short_repr(mask)}")
-
-
-def _layers(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _int_to_float(value: Any) -> Any:
@@ -90,7 +86,7 @@ class AdaLoraConfig(PeftConfig):
                                                             fix="peft-core's AdaLoRA trains no biases."))
     #: True: E zero (the model starts as the base model), A and B normal with std 0.02; False: all normal.
     init_lora_weights: bool = attrs.field(default=True, validator=check(bool))
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
                                                                      validator=check((int, tuple), optional=True))
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))

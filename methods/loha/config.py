@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import FrozenDict, PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import (
+    FrozenDict,
+    PeftConfig,
+    check,
+    check_layer_indices,
+    short_repr,
+    to_layer_indices,
+    to_str_tuple,
+)
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 from peft_core.targeting import pattern_value
@@ -38,20 +46,6 @@ def _to_float(value: Any) -> Any:
         except OverflowError:
             return math.inf
     return value
-
-
-def _layers(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in items):
-        raise ConfigError(f"LoHaConfig.layers_to_transform must be a layer index or a list of indices (int >= 0), "
-                          f"got {short_repr(value)}")
 
 
 def _patterns(value: Any) -> Any:
@@ -116,8 +110,8 @@ class LoHaConfig(PeftConfig):
     exclude_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
                                                                  validator=_modules_ok)
     init_weights: bool = attrs.field(default=True, validator=check(bool, fix="use True (dW = 0) or False"))
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
-                                                                     validator=_layers_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
+                                                                     validator=check_layer_indices)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
     rank_pattern: dict[str, int] = attrs.field(factory=FrozenDict, converter=_patterns,

@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import FrozenDict, PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import (
+    FrozenDict,
+    PeftConfig,
+    check,
+    check_layer_indices,
+    short_repr,
+    to_layer_indices,
+    to_str_tuple,
+)
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
@@ -48,20 +56,6 @@ def _pattern_values(kind: type | tuple[type, ...]) -> Any:
             # the key is used as re.match(rf"(.*\.)?(?:{key})$", module_path), PEFT's rank_pattern lookup
             compile_module_pattern(rf"(.*\.)?(?:{key})$", f"{name} key {short_repr(key)}, as the regex")
     return validate
-
-
-def _layers(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in items):
-        raise ConfigError(f"LoKrConfig.layers_to_transform must be a layer index or a list of indices (int >= 0), "
-                          f"got {short_repr(value)}")
 
 
 def _to_float(value: Any) -> Any:
@@ -119,8 +113,8 @@ class LoKrConfig(PeftConfig):
     exclude_modules: tuple[str, ...] | str | None = attrs.field(default=None, converter=to_str_tuple,
                                                                  validator=_module_spec)
     init_weights: bool | str = attrs.field(default=True, validator=_init_ok)
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
-                                                                     validator=_layers_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
+                                                                     validator=check_layer_indices)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
     rank_pattern: dict[str, int] = attrs.field(factory=FrozenDict, converter=_patterns, validator=_pattern_values(int))

@@ -7,7 +7,16 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import ANY, FrozenDict, PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import (
+    ANY,
+    FrozenDict,
+    PeftConfig,
+    check,
+    check_layer_indices,
+    short_repr,
+    to_layer_indices,
+    to_str_tuple,
+)
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
@@ -56,22 +65,6 @@ def _replication_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> No
             and 0 <= p[0] < p[1] for p in value)):
         raise ConfigError(f"LoraConfig.layer_replication must be a list of [start, end) layer ranges, e.g. "
                           f"[[0, 4], [2, 5]], got {short_repr(value)}")
-
-
-def _layers(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in items):
-        raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of indices "
-                          f"(int >= 0), got {short_repr(value)}")
 
 
 def _target_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -199,8 +192,8 @@ class LoraConfig(PeftConfig):
     #: A trained bias on lora_B (scaled like B A); merging adds it to the base layer's bias. Not on embeddings.
     lora_bias: bool = attrs.field(default=False, validator=check(bool))
     init_lora_weights: bool | str = attrs.field(default=True, validator=_init_ok)
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
-                                                                     validator=_layers_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
+                                                                     validator=check_layer_indices)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
     rank_pattern: dict[str, int] = attrs.field(factory=FrozenDict, converter=_patterns,

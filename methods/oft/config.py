@@ -7,7 +7,7 @@ import warnings
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import PeftConfig, check, check_layer_indices, short_repr, to_layer_indices, to_str_tuple
 from peft_core.errors import ConfigError
 from peft_core.patterns import compile_module_pattern
 
@@ -23,20 +23,6 @@ def _module_spec(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         return
     raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be a list of module names, a regex string, "
                       f"'all-linear' or None, got {short_repr(value)}")
-
-
-def _layers(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in items):
-        raise ConfigError(f"OFTConfig.layers_to_transform must be a layer index or a list of indices (int >= 0), "
-                          f"got {short_repr(value)}")
 
 
 @attrs.frozen(kw_only=True)
@@ -81,8 +67,8 @@ class OFTConfig(PeftConfig):
     bias: str = attrs.field(default="none", validator=check(str, choices=("none", "all", "oft_only")))
     init_weights: bool = attrs.field(default=True, validator=check(bool, fix="use True (identity) or False "
                                                                              "(random, for tests)"))
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
-                                                                     validator=_layers_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
+                                                                     validator=check_layer_indices)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
     coft: bool = attrs.field(default=False, validator=check(bool))

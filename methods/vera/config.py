@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import attrs
-from peft_core.config import PeftConfig, check, short_repr, to_str_tuple
+from peft_core.config import PeftConfig, check, check_layer_indices, short_repr, to_layer_indices, to_str_tuple
 from peft_core.errors import ConfigError
 
 __all__ = ["VeraConfig"]
@@ -22,20 +22,6 @@ def _module_spec(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 def _float(value: Any) -> Any:
     """JSON writes ``0.0`` as ``0`` in some tools: an int is a float here (a bool is still refused)."""
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _layers(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _layers_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in items):
-        raise ConfigError(f"VeraConfig.layers_to_transform must be a layer index or a list of indices (int >= 0), "
-                          f"got {short_repr(value)}")
 
 
 @attrs.frozen(kw_only=True)
@@ -75,8 +61,8 @@ class VeraConfig(PeftConfig):
     fan_in_fan_out: bool = attrs.field(default=False, validator=check(bool))
     bias: str = attrs.field(default="none", validator=check(str, choices=("none", "all", "vera_only")))
     init_weights: bool = attrs.field(default=True, validator=check(bool))
-    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=_layers,
-                                                                     validator=_layers_ok)
+    layers_to_transform: int | tuple[int, ...] | None = attrs.field(default=None, converter=to_layer_indices,
+                                                                     validator=check_layer_indices)
     layers_pattern: str | tuple[str, ...] | None = attrs.field(default=None, converter=to_str_tuple,
                                                                validator=check((str, tuple), optional=True))
 
