@@ -24,7 +24,7 @@ from torch import nn
 from .config import PeftConfig
 from .errors import AdapterError, CheckpointError, ConfigError, PluginContractError
 from .model import AdaptedModel
-from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights, resolve_file
+from .serialization import load_weights, resolve_weights
 
 __all__ = ["hotswap_adapter", "prepare_model_for_compiled_hotswap"]
 
@@ -118,12 +118,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     if not adapted._registry.implements(method, "hotswap"):
         raise ConfigError(f"{method} adapters cannot be hot-swapped (its plugin does not implement the hotswap "
                           "hook); load the new adapter with load_adapter() instead")
-    path = resolve_file(model_name_or_path, SAFETENSORS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
-    if path is None:
-        path = resolve_file(model_name_or_path, WEIGHTS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
-    if path is None:
-        raise CheckpointError(f"{model_name_or_path!s}: no {SAFETENSORS_NAME} or {WEIGHTS_NAME} found"
-                              + (f" in subfolder {subfolder!r}" if subfolder else ""))
+    path = resolve_weights(model_name_or_path, subfolder=subfolder, revision=revision, **hub_kwargs)
     weights = load_weights(path)
     if torch_device is not None:
         weights = {k: v.to(torch_device) for k, v in weights.items()}

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import PeftConfig
-from .errors import AdapterError, CheckpointError, ConfigError, MergeError, PluginContractError
+from .errors import AdapterError, ConfigError, MergeError, PluginContractError
 from .forward import ForwardWithBaseSignature, bind_positional, check_routing
 from .layers import is_adapter_layer
 from .merge_order import MergeStack
@@ -31,7 +31,7 @@ from .modules_to_save import ModulesToSave, matching_module_names
 from .ownership import Ownership
 from .registry import Registry, get_registry
 from .runtime import BASE_ROW, AdapterRuntime
-from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights, resolve_file
+from .serialization import load_weights, resolve_weights
 from .snapshot import ModuleSnapshot
 from .spec import MethodSpec
 
@@ -632,12 +632,7 @@ class AdaptedModel(nn.Module):
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
         config = config.replace(inference_mode=not is_trainable)
-        path = resolve_file(model_id, SAFETENSORS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
-        if path is None:
-            path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
-        if path is None:
-            raise CheckpointError(f"{model_id!s}: no {SAFETENSORS_NAME} or {WEIGHTS_NAME} found"
-                                  + (f" in subfolder {subfolder!r}" if subfolder else ""))
+        path = resolve_weights(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
         weights = load_weights(path)
         snapshot = ModuleSnapshot(self)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,

@@ -59,14 +59,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 def load_peft_weights(model_id: str | os.PathLike[str], device: str | None = None,
                       **hf_hub_download_kwargs: Any) -> dict[str, torch.Tensor]:
     """The tensors of the adapter file at ``model_id`` (a folder or a Hub repo), keyed as on disk."""
-    from .errors import CheckpointError
-    from .serialization import SAFETENSORS_NAME, WEIGHTS_NAME, load_weights, resolve_file
+    from .serialization import load_weights, resolve_weights
 
-    kw = dict(hf_hub_download_kwargs)
-    path = resolve_file(model_id, SAFETENSORS_NAME, **kw) or resolve_file(model_id, WEIGHTS_NAME, **kw)
-    if path is None:
-        raise CheckpointError(f"{model_id!s}: no {SAFETENSORS_NAME} or {WEIGHTS_NAME} found")
-    weights = load_weights(path)
+    weights = load_weights(resolve_weights(model_id, **hf_hub_download_kwargs))
     return {k: v.to(device) for k, v in weights.items()} if device is not None else weights
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "load_weights",
     "resolve_file",
+    "resolve_weights",
     "serialize_safetensors",
 ]
 
@@ -194,6 +195,18 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                                             for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a mapping of names to tensors, got {type(obj).__name__}")
     return obj
+
+
+def resolve_weights(model_id: str | Path, *, subfolder: str | None = None, revision: str | None = None,
+                    **hub_kwargs: Any) -> Path:
+    """The adapter's weights file at ``model_id`` (see :func:`resolve_file`): ``adapter_model.safetensors``, else
+    the older ``adapter_model.bin``; a CheckpointError when there is neither."""
+    for name in (SAFETENSORS_NAME, WEIGHTS_NAME):
+        path = resolve_file(model_id, name, subfolder=subfolder, revision=revision, **hub_kwargs)
+        if path is not None:
+            return path
+    raise CheckpointError(f"{model_id!s}: no {SAFETENSORS_NAME} or {WEIGHTS_NAME} found"
+                          + (f" in subfolder {subfolder!r}" if subfolder else ""))
 
 
 def resolve_file(model_id: str | Path, filename: str, *, subfolder: str | None = None,
