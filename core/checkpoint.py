@@ -122,19 +122,25 @@ def _converted(model: AdaptedModel, name: str, config: PeftConfig, tensors: dict
     return answer[0], dict(answer[1])
 
 
-def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mapping[str, torch.Tensor],
-                         source: str = "state dict") -> None:
-    """Copy disk-keyed ``weights`` into adapter ``adapter_name``; checks everything before copying."""
+def map_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mapping[str, torch.Tensor],
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Disk-keyed ``weights`` of adapter ``adapter_name`` by in-model key: (the method's tensors, mapped by its
+    ``state_dict_load``; the adapter's ``modules_to_save`` copies, which the core maps itself)."""
     mts = {disk: key for key, disk in modules_to_save_keys(model, adapter_name).items()}
     rest = {k: v for k, v in weights.items() if k not in mts}
     mapped = model._call(adapter_name, "state_dict_load", store=model.adapter_modules, state_dict=rest)
     if not isinstance(mapped, dict):
         raise PluginContractError(f"state_dict_load of {type(model.peft_config[adapter_name]).peft_type} "
                                   f"returned {type(mapped).__name__}; the hook contract expects a dict")
-    mapped = dict(mapped)
-    for disk, key in mts.items():  # the copy's own key wins over any alias a method maps to it
-        if disk in weights:
-            mapped[key] = weights[disk]
+    copies = {key: weights[disk] for disk, key in mts.items() if disk in weights}
+    return dict(mapped), copies
+
+
+def load_adapter_tensors(model: AdaptedModel, adapter_name: str, weights: Mapping[str, torch.Tensor],
+                         source: str = "state dict") -> None:
+    """Copy disk-keyed ``weights`` into adapter ``adapter_name``; checks everything before copying."""
+    mapped, copies = map_adapter_tensors(model, adapter_name, weights)
+    mapped.update(copies)  # the copy's own key wins over any alias a method maps to it
     # errors name the keys the user passed, not the in-memory names they map to: a plugin's state_dict_load
     # hands the user's tensors on unchanged in the common case, so the tensor's identity finds its key again
     given = {id(v): k for k, v in weights.items()}

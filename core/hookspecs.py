@@ -476,7 +476,8 @@ def hotswap(model: nn.Module, adapter_name: str, config: PeftConfig, new_config:
 
     When: ``peft_core.hotswap_adapter(model, path, adapter_name)``. The core has loaded ``new_config`` (the same
     method as ``config``) and the file's tensors, mapped to in-model names by ``state_dict_load``, and checked that
-    they name only tensors this adapter owns; the adapter is not merged. The hook checks that the two adapters
+    they name only tensors this adapter owns; the adapter is not merged. The adapter's ``modules_to_save`` copies
+    are not in ``state_dict``: the core swaps them itself, after this hook. The hook checks that the two adapters
     are compatible (raising a ConfigError or CheckpointError that names the difference *before* changing
     anything), then copies the values and updates what depends on the config (a scaling). Tensors the file lacks
     are the method's to handle (LoRA zeroes a layer the new adapter does not target).

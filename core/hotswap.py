@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import PeftConfig
 from .errors import AdapterError, CheckpointError, ConfigError, PluginContractError
 from .model import AdaptedModel
@@ -122,17 +123,22 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     weights = load_weights(path)
     if torch_device is not None:
         weights = {k: v.to(torch_device) for k, v in weights.items()}
-    mapped = adapted._call(adapter_name, "state_dict_load", store=adapted.adapter_modules, state_dict=weights)
-    if not isinstance(mapped, dict):
-        raise PluginContractError(f"state_dict_load of {method} returned {type(mapped).__name__}; the hook "
-                                  "contract expects a dict")
+    mapped, copies = checkpoint.map_adapter_tensors(adapted, adapter_name, weights)
     owned = set(adapted._ownership.owned(adapter_name))
-    unexpected = sorted(k for k in mapped if k not in owned)
+    unexpected = sorted(k for k in {**mapped, **copies} if k not in owned)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(f"cannot hot-swap adapter {adapter_name!r} with {path}: it has tensors the loaded "
                               f"adapter does not ({shown}): it targets other modules. Load it with load_adapter() "
                               "instead")
+    # the modules_to_save copies are the core's: checked here, copied in place once the method has swapped
+    targets = dict(adapted.named_parameters())
+    targets.update(adapted.named_buffers())
+    misfit = [f"{k} {tuple(v.shape)} vs {tuple(targets[k].shape)}" for k, v in copies.items()
+              if tuple(v.shape) != tuple(targets[k].shape)]
+    if misfit:
+        raise CheckpointError(f"cannot hot-swap adapter {adapter_name!r} with {path}: its modules_to_save tensors "
+                              f"have other shapes ({', '.join(misfit[:3])})")
     updated = adapted._call(adapter_name, "hotswap", new_config=new, state_dict=mapped)
     if updated is None:
         raise ConfigError(f"{method} adapters cannot be hot-swapped (no plugin answered the hotswap hook); load the "
@@ -140,4 +146,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     if type(updated) is not type(old):
         raise PluginContractError(f"hotswap of {method} returned {type(updated).__name__}; the hook contract "
                                   f"expects a {type(old).__name__} or None")
+    with torch.no_grad():
+        for key, value in copies.items():
+            targets[key].copy_(value)
     adapted.peft_config[adapter_name] = updated

@@ -94,6 +94,32 @@ def test_a_module_the_new_adapter_leaves_alone_is_switched_off(tmp_path) -> None
         torch.testing.assert_close(model(input_ids=X).logits, want, rtol=0, atol=1e-6)
 
 
+def test_modules_to_save_copies_are_swapped_too_without_recompiling(tmp_path) -> None:
+    """A classifier's trained head (modules_to_save) belongs to the adapter: it is swapped with the LoRA weights."""
+    from conftest import tiny_llama_cls
+
+    x = X[:, :6]
+    for i, name in enumerate("ab"):
+        source = peft_core.get_peft_model(tiny_llama_cls(), peft_core.LoraConfig(task_type="SEQ_CLS",
+                                                                                 target_modules=["q_proj"]))
+        torch.manual_seed(20 + i)
+        for p in source.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.3)
+        source.save_pretrained(tmp_path / name)
+    model = peft_core.PeftModel.from_pretrained(tiny_llama_cls(), tmp_path / "a").eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    fresh = peft_core.PeftModel.from_pretrained(tiny_llama_cls(), tmp_path / "b").eval()
+    with torch.no_grad():
+        before = compiled(input_ids=x).logits
+        peft_core.hotswap_adapter(model, tmp_path / "b", "default")
+        got = compiled(input_ids=x).logits
+        torch.testing.assert_close(got, fresh(input_ids=x).logits, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, before)
+    assert counter.frame_count == 1
+
+
 def test_swapping_in_a_peft_saved_adapter_equals_peft_hotswap(tmp_path) -> None:
     from peft.utils.hotswap import hotswap_adapter as peft_hotswap
 
