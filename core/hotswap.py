@@ -23,8 +23,8 @@ from torch import nn
 
 from . import checkpoint
 from .config import PeftConfig
-from .errors import AdapterError, CheckpointError, ConfigError, PluginContractError
-from .model import AdaptedModel
+from .errors import AdapterError, CheckpointError, ConfigError
+from .model import AdaptedModel, config_answer
 from .serialization import load_weights, resolve_weights
 
 __all__ = ["hotswap_adapter", "prepare_model_for_compiled_hotswap"]
@@ -71,13 +71,10 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
         current = adapted.peft_config[name]
         if not reg.implements(type(current).peft_type, "prepare_hotswap"):
             continue
-        updated = adapted._call(name, "prepare_hotswap", target_rank=target_rank)
+        updated = config_answer("prepare_hotswap", current,
+                                adapted._call(name, "prepare_hotswap", target_rank=target_rank))
         if updated is None:
             continue
-        if type(updated) is not type(current):
-            raise PluginContractError(f"prepare_hotswap of {type(current).peft_type} returned "
-                                      f"{type(updated).__name__}; the hook contract expects a "
-                                      f"{type(current).__name__} or None")
         adapted.peft_config[name] = updated
         found = True
     if not found:
@@ -139,13 +136,10 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     if misfit:
         raise CheckpointError(f"cannot hot-swap adapter {adapter_name!r} with {path}: its modules_to_save tensors "
                               f"have other shapes ({', '.join(misfit[:3])})")
-    updated = adapted._call(adapter_name, "hotswap", new_config=new, state_dict=mapped)
+    updated = config_answer("hotswap", old, adapted._call(adapter_name, "hotswap", new_config=new, state_dict=mapped))
     if updated is None:
         raise ConfigError(f"{method} adapters cannot be hot-swapped (no plugin answered the hotswap hook); load the "
                           "new adapter with load_adapter() instead")
-    if type(updated) is not type(old):
-        raise PluginContractError(f"hotswap of {method} returned {type(updated).__name__}; the hook contract "
-                                  f"expects a {type(old).__name__} or None")
     with torch.no_grad():
         for key, value in copies.items():
             targets[key].copy_(value)

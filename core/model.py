@@ -528,13 +528,8 @@ class AdaptedModel(nn.Module):
                 continue
             with torch.no_grad():
                 updated = self._call(name, "on_optimizer_step", global_step=global_step)
-            if updated is None:
-                continue
-            if type(updated) is not type(config):
-                raise PluginContractError(f"on_optimizer_step of {type(config).peft_type} returned "
-                                          f"{type(updated).__name__}; the hook contract expects a "
-                                          f"{type(config).__name__} or None")
-            self.peft_config[name] = updated
+            if config_answer("on_optimizer_step", config, updated) is not None:
+                self.peft_config[name] = updated
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` (same arguments) with the active adapters, or with ``adapter_names``
@@ -683,6 +678,15 @@ class AdaptedModel(nn.Module):
         if self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
+
+
+def config_answer(hook: str, config: PeftConfig, answer: Any) -> PeftConfig | None:
+    """``answer`` of a hook that returns the adapter's updated config or None, checked against the contract: an
+    instance of the adapter's own config class (a PluginContractError names the hook and the method otherwise)."""
+    if answer is not None and type(answer) is not type(config):
+        raise PluginContractError(f"{hook} of {type(config).peft_type} returned {type(answer).__name__}; the hook "
+                                  f"contract expects a {type(config).__name__} or None")
+    return answer
 
 
 def _dispatch_operation(name: str, offers: Sequence[MethodSpec]) -> Any:

@@ -220,3 +220,25 @@ def test_the_compile_page_snippets_run(monkeypatch) -> None:
     for block in blocks:
         exec(compile(block, "docs/compile.md", "exec"), namespace)
     assert namespace["loss"].requires_grad
+
+
+def test_a_hook_answer_of_the_wrong_type_is_a_contract_error(tmp_path) -> None:
+    from peft_core import PluginContractError, get_registry, hookimpl
+
+    class Wrong:  # an extension plugin answering before LoRA's own implementation
+        @hookimpl(tryfirst=True)
+        def prepare_hotswap(self, model, adapter_name, config, target_rank):
+            return "a config"
+
+        @hookimpl(tryfirst=True)
+        def hotswap(self, model, adapter_name, config, new_config, state_dict):
+            return {"r": 8}
+
+    _save(tmp_path / "a", 1)
+    _save(tmp_path / "b", 2)
+    model = _loaded(tmp_path / "a")
+    with get_registry().plugin(Wrong(), name="wrong"):
+        with pytest.raises(PluginContractError, match=r"prepare_hotswap of LORA returned str.*LoraConfig or None"):
+            peft_core.prepare_model_for_compiled_hotswap(model, target_rank=8)
+        with pytest.raises(PluginContractError, match=r"hotswap of LORA returned dict.*LoraConfig or None"):
+            peft_core.hotswap_adapter(model, tmp_path / "b", "default")
