@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from .functional import lora_linear, lora_linear_gated
+from .fused import fused_forward
 from .variant import LoraVariant, trained_only, variant_state
 
 __all__ = ["ConvLoraLayer", "LoraConv1d", "LoraConv2d", "LoraConv3d", "LoraEmbedding", "LoraLayer", "LoraLinear",
@@ -365,6 +366,10 @@ class LoraLinear(ModulePairLayer):
         routing = self._runtime.routing()
         if routing is not None and not self._runtime.disabled:
             return self._mixed(x, routing, *args, **kwargs)
+        if not args and not kwargs and not torch.compiler.is_compiling():
+            fused = fused_forward(self, x)  # base and update as one op, with siblings that read the same x
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         names = self._live()
         if not names:

@@ -18,6 +18,7 @@ from torch import nn
 from . import hookspecs, tokens
 from .config import LoraConfig
 from .dora import DORA_LAYOUT, Dora
+from .fused import link_siblings
 from .hotswap import prepare as prepare_for_hotswap
 from .hotswap import swap, trim_for_save
 from .init import check as check_init
@@ -219,6 +220,7 @@ class LoraPlugin:
             if model.get_submodule(path) is not layer:
                 model.set_submodule(path, layer)
         _keep_off_fast_paths(model, layers)
+        link_siblings(model)
         if planned:
             targets += [p for p in inject_parameters(model, adapter_name, config, runtime, planned) if p not in targets]
         tokens.apply_trainable_tokens(model, adapter_name, token_plans, runtime)
