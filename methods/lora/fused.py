@@ -64,12 +64,16 @@ class _Member(NamedTuple):
     scaling: float
 
 
+def _own_output() -> tuple[type, ...]:
+    from .layers import _OWN_OUTPUT  # layers imports this module
+
+    return _OWN_OUTPUT
+
+
 def plan(layer: LoraLinear, x: torch.Tensor) -> _Member | None:
     """What the fused route computes for ``layer`` on ``x``, or None when the call must take the ordinary route."""
     base = layer.base_layer
-    from .layers import _OWN_OUTPUT
-
-    if type(base) not in _OWN_OUTPUT or not layer.inplace_output or base._forward_hooks or base._forward_pre_hooks:
+    if type(base) not in _own_output() or not layer.inplace_output or base._forward_hooks or base._forward_pre_hooks:
         return None
     weight, bias = base.weight, base.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != x.dtype:
@@ -101,16 +105,21 @@ def _base(x: torch.Tensor, m: _Member) -> torch.Tensor:
     return F.linear(x, m.weight, m.bias)
 
 
-def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None,
-                                                                     torch.Tensor | None]:
-    """Every member's output, with the stacked A (cast to the activation dtype) and the bottleneck ``x @ A.T``."""
-    adapted = [m for m in members if m.a is not None]
-    x2 = x.reshape(-1, x.shape[-1])
-    a_cat = h = None
-    if adapted:
-        a_cat = torch.cat([m.a for m in adapted]) if len(adapted) > 1 else adapted[0].a
-        a_cat = a_cat.to(x.dtype)
-        h = x2 @ a_cat.t()
+def _stack(x: torch.Tensor, members: tuple[_Member, ...]) -> torch.Tensor | None:
+    """The adapted members' A matrices stacked, in the activation dtype."""
+    adapted = [m.a for m in members if m.a is not None]
+    if not adapted:
+        return None
+    return (torch.cat(adapted) if len(adapted) > 1 else adapted[0]).to(x.dtype)
+
+
+def _compute(x: torch.Tensor, members: tuple[_Member, ...], a_cat: torch.Tensor | None = None
+             ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Every member's output, with the stacked A (cast to the activation dtype; ``a_cat`` when the caller has it)
+    and the bottleneck ``x @ A.T``."""
+    if a_cat is None:
+        a_cat = _stack(x, members)
+    h = x.reshape(-1, x.shape[-1]) @ a_cat.t() if a_cat is not None else None
     outs, offset = [], 0
     for m in members:
         out = _base(x, m)
@@ -202,6 +211,67 @@ def _run(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[torch.Tensor, .
         return tuple(_compute(x, members)[0])
 
 
+class _Program(NamedTuple):
+    """An inference call's plans, prepared once and kept while the layers' state and the adapter tensors stay the
+    same: decoding runs each layer thousands of times with a token or two, where re-deriving the plans, stacking A
+    and casting B cost more than the update's products."""
+
+    key: tuple[Any, ...]
+    members: tuple[_Member, ...]
+    a_t: torch.Tensor | None  # the stacked A, transposed, in the activation dtype
+    steps: tuple[tuple[int, int, torch.Tensor] | None, ...]  # per member: its columns of x @ A.T and its B.T
+    sources: tuple[tuple[torch.Tensor, int, int], ...]  # what a_t and the B.T were made from: (tensor, ptr, version)
+
+
+def _state(layers: list[LoraLinear], x: torch.Tensor) -> tuple[Any, ...]:
+    # what plan() reads that can change between calls without touching a tensor; the base layers' hooks are in it
+    # as counts: a hook added later must run
+    return (x.dtype, x.device, x.numel() // x.shape[-1],
+            *[(m._live(), m.training, len(m.base_layer._forward_hooks) + len(m.base_layer._forward_pre_hooks),
+               m.base_layer.weight.requires_grad) for m in layers])
+
+
+def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) -> _Program | None:
+    plans = []
+    for m in layers:
+        p = plan(m, x)
+        if p is None:
+            return None
+        plans.append(p)
+    members = tuple(plans)
+    a_cat = _stack(x, members)
+    steps: list[tuple[int, int, torch.Tensor] | None] = []
+    offset = 0
+    for m in members:
+        if m.a is None:
+            steps.append(None)
+            continue
+        r = m.a.shape[0]
+        steps.append((offset, offset + r, m.b.detach().to(x.dtype).t()))
+        offset += r
+    sources = tuple((t, t.data_ptr(), t._version) for m in members if m.a is not None for t in (m.a, m.b))
+    return _Program(key, members, a_cat.detach().t() if a_cat is not None else None, tuple(steps), sources)
+
+
+def _inference(owner: Any, layers: list[LoraLinear], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """No-grad call of ``layers`` on ``x`` through the fused route with ``owner``'s cached program, or None."""
+    key = _state(layers, x)
+    prog: _Program | None = owner.__dict__.get("_program")
+    if prog is None or prog.key != key or any(t.data_ptr() != p or t._version != v for t, p, v in prog.sources):
+        prog = _prepare(key, layers, x)
+        if prog is None:
+            return None
+        owner.__dict__["_program"] = prog
+    h = x.reshape(-1, x.shape[-1]) @ prog.a_t if prog.a_t is not None else None
+    outs = []
+    for m, step in zip(prog.members, prog.steps):
+        out = _base(x, m)
+        if step is not None:
+            out.view(-1, out.shape[-1]).addmm_(h[:, step[0]:step[1]], step[2], alpha=m.scaling)
+        outs.append(out)
+    return tuple(outs)
+
+
 class _Stash(NamedTuple):
     """Outputs a group's first member computed for the others, valid for that very input in that state."""
 
@@ -246,15 +316,21 @@ class SiblingGroup:
                 self._relearn()
                 return None
         # the first member of this call: compute the whole group if every member can take the fused route
-        if plan(layer, x) is None:
-            return None
-        plans = []
-        for m in self.members:
-            p = plan(m, x) if m.training == layer.training else None
-            if p is None:
+        if not torch.is_grad_enabled():
+            found_outs = _inference(self, self.members, x)
+            if found_outs is None:
                 return None
-            plans.append(p)
-        outs = _run(x, tuple(plans))
+            outs = found_outs
+        else:
+            if plan(layer, x) is None:
+                return None
+            plans = []
+            for m in self.members:
+                p = plan(m, x) if m.training == layer.training else None
+                if p is None:
+                    return None
+                plans.append(p)
+            outs = _run(x, tuple(plans))
         self._stash = _Stash(weakref.ref(x), _version(x), torch.is_grad_enabled(),
                              {m: (o, m._live()) for m, o in zip(self.members, outs) if m is not layer})
         return outs[self.members.index(layer)]
@@ -307,6 +383,9 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         out = group.forward(layer, x)
         if out is not None:
             return out
+    if not torch.is_grad_enabled():
+        outs = _inference(layer, [layer], x)
+        return outs[0] if outs is not None else None
     p = plan(layer, x)
     if p is None:
         return None
