@@ -23,6 +23,10 @@ from .common import (
     token_batch,
 )
 
+# issue 15: prefill stays at <=0.92x PEFT; decode (a one-token forward, where the per-layer overhead is all there
+# is) must reach <=0.90x
+TARGETS = {"prefill": Target.at_most(0.92), "decode (1 token, KV cache)": Target.at_most(0.90)}
+
 
 def prefill_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
@@ -90,7 +94,7 @@ def run_b3(ctx: Context, rounds: int) -> None:
                 t = alternate(fns, n, scale.warmup)
                 ctx.row(tag, metric, fmt_s(t.median("peft-core")), fmt_s(t.median("peft")),
                         ratio=t.ratio("peft-core", "peft"), spread=t.spread("peft-core", "peft"),
-                        target=Target.at_most(0.92))
+                        target=TARGETS[metric])
                 ctx.row(tag, f"{metric} (reference)", fmt_s(t.median("peft-core")), fmt_s(t.median("base model")),
                         "base model (no adapter)", ratio=t.ratio("peft-core", "base model"),
                         spread=t.spread("peft-core", "base model"),

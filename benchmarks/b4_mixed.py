@@ -25,7 +25,8 @@ from .common import (
     token_batch,
 )
 
-TARGETS = {16: {"prefill": Target.speedup(1.4), "decode": Target.speedup(2.5)}}
+# issue 15: with 16 distinct adapters in the batch, >=2x faster than PEFT in prefill and >=4x in decode
+TARGETS = {16: {"prefill": Target.speedup(2.0), "decode": Target.speedup(4.0)}}
 
 
 def names_for(count: int, rows: int) -> list[str]:
