@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .b1_training import DTYPES, LORA, TOL
+from .b1_training import DTYPES, TOL, lora_kwargs
 from .common import (
     Context,
     Target,
@@ -16,6 +16,7 @@ from .common import (
     build_llama,
     clone_model,
     core_lora,
+    device_sync,
     fmt_s,
     peft_lora,
     rel_err,
@@ -57,9 +58,11 @@ def decode_fn(model: nn.Module, batch: dict[str, torch.Tensor],
         return out.logits
 
     def run() -> float:
+        device_sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             model(input_ids=nxt, attention_mask=mask1, past_key_values=cache, use_cache=True, **kw)
+        device_sync()
         elapsed = time.perf_counter() - t0
         cache.crop(-1)
         return elapsed
@@ -70,12 +73,14 @@ def decode_fn(model: nn.Module, batch: dict[str, torch.Tensor],
 def run_b3(ctx: Context, rounds: int) -> None:
     scale = ctx.scale
     batch = token_batch(scale)
+    lora = lora_kwargs(scale)
     for dtype_name, dtype in DTYPES.items():
-        tag = f"{dtype_name} batch={scale.batch} seq={scale.seq}"
+        # batch x seq is in the case name only where no grid point names it
+        tag = dtype_name if ctx.point is not None else f"{dtype_name} batch={scale.batch} seq={scale.seq}"
         with ctx.case(tag):
             base = build_llama(scale, dtype)
-            theirs = peft_lora(clone_model(base), **LORA).eval()
-            ours = core_lora(clone_model(base), **LORA).eval()
+            theirs = peft_lora(clone_model(base), **lora).eval()
+            ours = core_lora(clone_model(base), **lora).eval()
             sync_adapter(theirs, ours)
             tol = TOL[dtype_name][0]
             with torch.no_grad():
