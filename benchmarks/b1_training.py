@@ -168,7 +168,7 @@ def run_b1(ctx: Context, rounds: int) -> None:
                             ratio=timing.ratio("peft-core", "full FT"),
                             spread=timing.spread("peft-core", "full FT"),
                             note=f"peft/full FT {timing.ratio('peft', 'full FT'):.3f}")
-                ctx.extra.setdefault("b1_timing", {})[tag] = timing.samples
+                ctx.extra.setdefault("b1_timing", {})[ctx.at_point(tag)] = timing.samples
                 del models, steps
 
 

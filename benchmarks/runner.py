@@ -85,8 +85,10 @@ def run_benches(ctx: Context, selected: list[str], base: Scale, grid: list[GridP
 
 def grid_meta(selected: list[str], grid: list[GridPoint], rounds_at: Callable[[GridPoint | None], int]
               ) -> list[dict[str, object]]:
-    return [{"name": p.name, "varies": p.varies or "(base)", "shape": p.describe(), "rounds": rounds_at(p),
-             "benches": [b for b in selected if p in points_for(b, grid) and b in GRIDDED]} for p in grid]
+    """The grid points some selected benchmark runs at, with those benchmarks and the rounds."""
+    rows = [{"name": p.name, "varies": p.varies or "(base)", "shape": p.describe(), "rounds": rounds_at(p),
+             "benches": [b for b in selected if b in GRIDDED and p in points_for(b, grid)]} for p in grid]
+    return [r for r in rows if r["benches"]]
 
 
 def _load(spec: str) -> Callable[..., None]:
