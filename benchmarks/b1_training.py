@@ -36,6 +36,12 @@ from .common import (
 )
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+def lora_kwargs(scale: Scale) -> dict[str, Any]:
+    """LORA at the scale's rank (a grid point may change it); alpha = 2 r keeps the scaling factor fixed."""
+    return {**LORA, "r": scale.r, "lora_alpha": 2 * scale.r}
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (forward rel err, gradient rel err) allowed between the libraries. bf16: PEFT runs the LoRA branch in
 # fp32 (it casts the activations to the adapter dtype), peft-core in bf16, so they differ by bf16 rounding.
@@ -55,9 +61,10 @@ def make_sides(scale: Scale, dtype: torch.dtype, dropout: float,
         return base if len(sides) == 1 else clone_model(base)
 
     out: dict[str, nn.Module] = {}
-    theirs = peft_lora(fresh(), lora_dropout=dropout, **LORA) if "peft" in sides else None
+    lora = lora_kwargs(scale)
+    theirs = peft_lora(fresh(), lora_dropout=dropout, **lora) if "peft" in sides else None
     if "peft-core" in sides:
-        ours = core_lora(fresh(), lora_dropout=dropout, **LORA)
+        ours = core_lora(fresh(), lora_dropout=dropout, **lora)
         if theirs is not None:
             sync_adapter(theirs, ours)
         out["peft-core"] = ours
@@ -161,7 +168,7 @@ def run_b1(ctx: Context, rounds: int) -> None:
                             ratio=timing.ratio("peft-core", "full FT"),
                             spread=timing.spread("peft-core", "full FT"),
                             note=f"peft/full FT {timing.ratio('peft', 'full FT'):.3f}")
-                ctx.extra.setdefault("b1_timing", {})[tag] = timing.samples
+                ctx.extra.setdefault("b1_timing", {})[ctx.at_point(tag)] = timing.samples
                 del models, steps
 
 

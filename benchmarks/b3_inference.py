@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .b1_training import DTYPES, LORA, TOL
+from .b1_training import DTYPES, TOL, lora_kwargs
 from .common import (
     Context,
     Target,
@@ -16,12 +16,17 @@ from .common import (
     build_llama,
     clone_model,
     core_lora,
+    device_sync,
     fmt_s,
     peft_lora,
     rel_err,
     sync_adapter,
     token_batch,
 )
+
+# issue 15: prefill stays at <=0.92x PEFT; decode (a one-token forward, where the per-layer overhead is all there
+# is) must reach <=0.90x
+TARGETS = {"prefill": Target.at_most(0.92), "decode (1 token, KV cache)": Target.at_most(0.90)}
 
 
 def prefill_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -53,9 +58,11 @@ def decode_fn(model: nn.Module, batch: dict[str, torch.Tensor],
         return out.logits
 
     def run() -> float:
+        device_sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             model(input_ids=nxt, attention_mask=mask1, past_key_values=cache, use_cache=True, **kw)
+        device_sync()
         elapsed = time.perf_counter() - t0
         cache.crop(-1)
         return elapsed
@@ -66,12 +73,14 @@ def decode_fn(model: nn.Module, batch: dict[str, torch.Tensor],
 def run_b3(ctx: Context, rounds: int) -> None:
     scale = ctx.scale
     batch = token_batch(scale)
+    lora = lora_kwargs(scale)
     for dtype_name, dtype in DTYPES.items():
-        tag = f"{dtype_name} batch={scale.batch} seq={scale.seq}"
+        # batch x seq is in the case name only where no grid point names it
+        tag = dtype_name if ctx.point is not None else f"{dtype_name} batch={scale.batch} seq={scale.seq}"
         with ctx.case(tag):
             base = build_llama(scale, dtype)
-            theirs = peft_lora(clone_model(base), **LORA).eval()
-            ours = core_lora(clone_model(base), **LORA).eval()
+            theirs = peft_lora(clone_model(base), **lora).eval()
+            ours = core_lora(clone_model(base), **lora).eval()
             sync_adapter(theirs, ours)
             tol = TOL[dtype_name][0]
             with torch.no_grad():
@@ -90,7 +99,7 @@ def run_b3(ctx: Context, rounds: int) -> None:
                 t = alternate(fns, n, scale.warmup)
                 ctx.row(tag, metric, fmt_s(t.median("peft-core")), fmt_s(t.median("peft")),
                         ratio=t.ratio("peft-core", "peft"), spread=t.spread("peft-core", "peft"),
-                        target=Target.at_most(0.92))
+                        target=TARGETS[metric])
                 ctx.row(tag, f"{metric} (reference)", fmt_s(t.median("peft-core")), fmt_s(t.median("base model")),
                         "base model (no adapter)", ratio=t.ratio("peft-core", "base model"),
                         spread=t.spread("peft-core", "base model"),

@@ -14,6 +14,7 @@ from .common import (
     build_llama,
     clone_model,
     core_lora,
+    device_sync,
     fmt_s,
     norm_name,
     peft_lora,
@@ -69,10 +70,12 @@ def run_b6(ctx: Context, rounds: int) -> None:
         ctx.agree(f"{tag}: merged vs unmerged logits", rel_err(merged_o, unmerged), tol)
         spent = {}
         for lib, model in (("peft-core", ours), ("peft", theirs)):
+            device_sync()
             t0 = time.perf_counter()
             for _ in range(cycles - 1):  # one cycle ran above
                 model.merge_adapter()
                 model.unmerge_adapter()
+            device_sync()
             spent[lib] = (time.perf_counter() - t0) / max(cycles - 1, 1)
         d = {lib: drift(w0[lib], base_weights(m)) for lib, m in (("peft-core", ours), ("peft", theirs))}
 

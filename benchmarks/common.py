@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
 import re
@@ -29,6 +30,34 @@ SST2 = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "sst2"))
 
 
 # ---------------------------------------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class GridPoint:
+    """One model shape of the sweep: the timed cases (B1, B3, B4, B7) run at every point that applies.
+
+    ``varies`` names the one factor that differs from the base point ("" for the base point itself):
+    "hidden", "r", "attention" (MHA vs GQA) or "shape" (batch x seq).
+    """
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    r: int
+    batch: int
+    seq: int
+    varies: str = ""
+
+    @property
+    def is_base(self) -> bool:
+        return self.varies == ""
+
+    def describe(self) -> str:
+        attn = "MHA" if self.kv_heads == self.heads else "GQA"
+        return (f"hidden {self.hidden} (intermediate {self.intermediate}), {self.heads} heads / {self.kv_heads} kv "
+                f"({attn}), LoRA r={self.r}, batch {self.batch} x seq {self.seq}")
+
+
 @dataclass(frozen=True)
 class Scale:
     """Every size the benchmarks use; ``QUICK`` runs each benchmark once at tiny sizes (CI)."""
@@ -68,19 +97,55 @@ class Scale:
     # torch threads: 2 for measurements; the quick smoke test uses 1 so that a busy CI machine (or pytest-xdist
     # workers) cannot oversubscribe the cores, which makes OpenMP barriers crawl
     threads: int = THREADS
+    # LoRA rank of the timed cases (B1, B3, B4); a grid point may change it
+    r: int = 16
+    # the grid points other than this scale's own shape (the base point): see ``grid_points``
+    variants: tuple[GridPoint, ...] = ()
+    # where models and batches live ("cpu" for every CPU run; benchmarks/gpu.py sets "cuda")
+    device: str = "cpu"
+
+    def base_point(self) -> GridPoint:
+        return GridPoint("base", self.hidden, self.intermediate, self.heads, self.kv_heads, self.r, self.batch,
+                         self.seq)
+
+    def at(self, point: GridPoint) -> Scale:
+        """These sizes with the model shape, rank and batch x seq of ``point``."""
+        return dataclasses.replace(self, hidden=point.hidden, intermediate=point.intermediate, heads=point.heads,
+                                   kv_heads=point.kv_heads, r=point.r, batch=point.batch, seq=point.seq)
+
+
+def grid_points(scale: Scale, which: str = "full") -> list[GridPoint]:
+    """"base": the base point only; "full": the base point and one point per factor varied from it."""
+    if which not in ("base", "full"):
+        raise ValueError(f"unknown grid {which!r}: choose base or full")
+    return [scale.base_point(), *(scale.variants if which == "full" else ())]
+
+
+# One factor at a time around the base point (hidden 512, r 16, GQA 8/4 heads, batch 4 x seq 256): every value
+# issue 15 lists (hidden 512/1024, r 8/64, MHA/GQA, 4x256/1x1024) is covered without the full product's 16+
+# points, which would take hours on 2 cores.
+FULL_VARIANTS = (
+    GridPoint("h1024", 1024, 2752, 16, 8, 16, 4, 256, varies="hidden"),
+    GridPoint("r8", 512, 1376, 8, 4, 8, 4, 256, varies="r"),
+    GridPoint("r64", 512, 1376, 8, 4, 64, 4, 256, varies="r"),
+    GridPoint("mha", 512, 1376, 8, 8, 16, 4, 256, varies="attention"),
+    GridPoint("1x1024", 512, 1376, 8, 4, 16, 1, 1024, varies="shape"),
+)
+# --quick: the tiny base point and one variant that every gridded benchmark applies, so CI runs the grid code
+QUICK_VARIANTS = (GridPoint("h128", 128, 256, 8, 4, 16, 2, 32, varies="hidden"),)
 
 
 FULL = Scale(name="full", hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=4096, batch=4,
              seq=256, rounds=5, warmup=1, decode_calls=20, fast_factor=4, mixed_batch=32, mixed_seq=32,
              mixed_counts=(1, 4, 16, 32), skeleton_layers=80, set_adapter_counts=(1, 64), set_adapter_calls=200,
              merge_cycles=10, virtual_tokens=200, sst2_train_rows=4000, sst2_dev_rows=None, sst2_batch=32,
-             rss_probes=("peft-core", "peft", "floor", "full FT"), rss_dropouts=(0.0, 0.05))
+             rss_probes=("peft-core", "peft", "floor", "full FT"), rss_dropouts=(0.0, 0.05), variants=FULL_VARIANTS)
 
 QUICK = Scale(name="quick", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, batch=2,
               seq=32, rounds=1, warmup=0, decode_calls=2, fast_factor=1, mixed_batch=8, mixed_seq=8,
               mixed_counts=(1, 4, 16, 32), skeleton_layers=2, set_adapter_counts=(1, 16), set_adapter_calls=5,
               merge_cycles=10, virtual_tokens=200, sst2_train_rows=64, sst2_dev_rows=64, sst2_batch=16,
-              rss_probes=("peft-core", "peft"), rss_dropouts=(0.05,), threads=1)
+              rss_probes=("peft-core", "peft"), rss_dropouts=(0.05,), threads=1, variants=QUICK_VARIANTS)
 
 SCALES = {"full": FULL, "quick": QUICK}
 
@@ -141,8 +206,12 @@ class Row:
     ok: bool | None = None  # for exact targets
     status: str = "info"
     note: str = ""
+    point: str = ""  # the grid point measured ("" for a benchmark that runs at one point only)
+    group: str = ""  # the case without its grid point: rows of one target over the grid share it
 
     def __post_init__(self) -> None:
+        if not self.group:
+            self.group = self.case
         if self.status == "info" and self.target is not None:
             self.status, off = self.target.judge(self.ratio, self.ok)
             if off:
@@ -167,29 +236,41 @@ class Context:
     checks: list[Check] = field(default_factory=list)
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
+    point: GridPoint | None = None  # the grid point ``scale`` is at, for the benchmarks swept over the grid
 
     @property
     def quick(self) -> bool:
         return self.scale.name == "quick"
 
+    @property
+    def device(self) -> str:
+        return self.scale.device
+
+    def at_point(self, case: str) -> str:
+        """A case name with the grid point it ran at, e.g. "fp32 dropout=0 @ h1024"."""
+        return f"{case} @ {self.point.name}" if self.point is not None else case
+
     def row(self, case: str, metric: str, ours: str, ref: str, ref_name: str = "peft", **kw: Any) -> Row:
-        r = Row(self.bench, case, metric, ours, ref, ref_name, **kw)
+        kw.setdefault("point", self.point.name if self.point is not None else "")
+        r = Row(self.bench, self.at_point(case), metric, ours, ref, ref_name, group=case, **kw)
         self.rows.append(r)
         mark = f"  [{r.status}{': ' + r.note if r.note else ''}]" if r.status != "info" or r.note else ""
         ratio = f" ratio {r.ratio:.3f}" if r.ratio is not None else ""
-        self.log(f"    {self.bench} {case} | {metric}: peft-core {ours} | {ref_name} {ref}{ratio}{mark}")
+        self.log(f"    {self.bench} {r.case} | {metric}: peft-core {ours} | {ref_name} {ref}{ratio}{mark}")
         return r
 
     def agree(self, name: str, err: float, tol: float, what: str = "max rel err") -> None:
         """Record an agreement check; raise AgreementError when ``err > tol`` (the case is not timed)."""
         ok = bool(err <= tol)
         detail = f"{what} {err:.2e} (tol {tol:.0e})"
+        name = self.at_point(name)
         self.checks.append(Check(self.bench, name, ok, detail))
         self.log(f"    check {self.bench} {name}: {'ok' if ok else 'FAILED'} ({detail})")
         if not ok:
             raise AgreementError(f"{name}: {detail}")
 
     def agree_true(self, name: str, ok: bool, detail: str) -> None:
+        name = self.at_point(name)
         self.checks.append(Check(self.bench, name, bool(ok), detail))
         self.log(f"    check {self.bench} {name}: {'ok' if ok else 'FAILED'} ({detail})")
         if not ok:
@@ -198,22 +279,25 @@ class Context:
     @contextlib.contextmanager
     def case(self, name: str) -> Iterator[None]:
         """One case of a benchmark: a disagreement or an error is recorded and the next case runs."""
-        self.log(f"  {self.bench} {name}")
+        point = self.point.name if self.point is not None else ""
+        self.log(f"  {self.bench} {self.at_point(name)}")
         try:
             yield
         except AgreementError as e:
-            self.rows.append(Row(self.bench, name, "(not timed)", "", "", "", status="FAILED",
-                                 note=f"outputs disagree: {e}"))
+            self.rows.append(Row(self.bench, self.at_point(name), "(not timed)", "", "", "", status="FAILED",
+                                 note=f"outputs disagree: {e}", point=point, group=name))
         except Exception as e:  # a crash in one case must not hide the others
             import traceback
 
             tb = traceback.format_exc(limit=-3)
             self.log(tb)
-            self.rows.append(Row(self.bench, name, "(error)", "", "", "", status="FAILED",
-                                 note=f"{type(e).__name__}: {str(e)[:300]}"))
+            self.rows.append(Row(self.bench, self.at_point(name), "(error)", "", "", "", status="FAILED",
+                                 note=f"{type(e).__name__}: {str(e)[:300]}", point=point, group=name))
         finally:
             if not self.quick:
                 gc.collect()
+            if device_in_use():
+                torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -302,12 +386,24 @@ class QuietGate:
 GATE = QuietGate()
 
 
+def device_in_use() -> bool:
+    """Whether this process has put work on a CUDA device (never true in a CPU run: nothing initializes CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def device_sync() -> None:
+    """Wait for the device's queued kernels, so that a wall-clock interval covers the work (a no-op on CPU)."""
+    if device_in_use():
+        torch.cuda.synchronize()
+
+
 def alternate(fns: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1) -> Timing:
     """Run every side once per round, in an order that flips each round (ABBA...), the garbage collector off
     while a sample runs (so no collection of another side's garbage lands in it).
 
-    A side's callable may return its own elapsed seconds (to exclude set-up it must redo per call);
-    otherwise its wall time is used.
+    A side's callable may return its own elapsed seconds (to exclude set-up it must redo per call; it must then
+    call ``device_sync`` around its own interval); otherwise its wall time is used. On a CUDA device the
+    device is synchronized before and after each sample, so a sample is the work, not its launch.
     """
     keys = list(fns)
     for _ in range(warmup):
@@ -322,8 +418,10 @@ def alternate(fns: dict[str, Callable[[], float | None]], rounds: int, warmup: i
         for k in order:
             gc.disable()
             try:
+                device_sync()
                 t0 = time.perf_counter()
                 own = fns[k]()
+                device_sync()
                 elapsed = time.perf_counter() - t0
             finally:
                 gc.enable()
@@ -358,10 +456,14 @@ def llama_config(scale: Scale, *, kv_heads: int | None = None, vocab: int | None
 
 
 def build_llama(scale: Scale, dtype: torch.dtype = torch.float32, seed: int = 0, **kw: Any) -> nn.Module:
+    """Built (and initialized) on the CPU, so every device starts from the same weights, then moved to
+    ``scale.device``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(llama_config(scale, **kw), dtype=dtype)
+    if scale.device != "cpu":
+        model = model.to(scale.device)
     return model.eval()
 
 
@@ -369,6 +471,7 @@ def token_batch(scale: Scale, batch: int | None = None, seq: int | None = None, 
                 vocab: int | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab or scale.vocab, (batch or scale.batch, seq or scale.seq), generator=g)
+    ids = ids.to(scale.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -396,7 +499,7 @@ def randomize_lora(pm: nn.Module, adapter_name: str, seed: int, std_b: float = 0
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if f".lora_B.{adapter_name}." in name:
+            if f".lora_B.{adapter_name}." in name:  # drawn on the CPU: the same values on every device
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std_b)
 
 
@@ -532,14 +635,35 @@ def machine_summary() -> dict[str, str]:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-    flags = ""
+    mem = proc_meminfo_gib()
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "flags": ", ".join(cpu_flags()) or "unknown",
+            "torch CPU capability": cpu_capability(), "memory": f"{mem:.0f} GiB",
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+# the instruction-set extensions that decide which CPU kernels run (matmul, bf16/fp16 conversion, AMX tiles)
+ISA_FLAGS = ("sse4_2", "fma", "f16c", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    """The ISA_FLAGS that /proc/cpuinfo lists for the first CPU, in ISA_FLAGS' order."""
+    have: set[str] = set()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            text = f.read()
-        flags = ", ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in text)
-    mem = proc_meminfo_gib()
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "flags": flags, "memory": f"{mem:.0f} GiB",
-            "os": platform.platform(), "python": platform.python_version()}
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    break
+    return [x for x in ISA_FLAGS if x in have]
+
+
+def cpu_capability() -> str:
+    """What torch's CPU kernels dispatch to on this machine (e.g. AVX512, AVX2, DEFAULT)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def proc_meminfo_gib() -> float:
