@@ -32,7 +32,16 @@ class Spy:
             self.sizes.append(len(members))
             return real(x, members)
 
+        real_inference = fused._inference
+
+        def inference(owner: object, layers: list, x: torch.Tensor) -> tuple | None:
+            out = real_inference(owner, layers, x)
+            if out is not None:
+                self.sizes.append(len(layers))
+            return out
+
         monkeypatch.setattr(fused, "_run", run)
+        monkeypatch.setattr(fused, "_inference", inference)
 
 
 def ordinary(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,3 +268,34 @@ def test_saved_tensor_hooks_and_autocast_take_the_ordinary_route(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**inputs)
     assert spy.sizes == []
+
+
+def test_inference_program_follows_weight_writes_hooks_and_adapter_switches(monkeypatch):
+    model = lora(tiny_llama())
+    model.add_adapter("b", peft_core.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                                init_lora_weights=False))
+    inputs = model_inputs("llama")
+
+    def want() -> torch.Tensor:
+        with monkeypatch.context() as m:
+            ordinary(m)
+            return model(**inputs).logits
+
+    spy = Spy(monkeypatch)
+    q = model.get_submodule("base_model.model.layers.0.self_attn.q_proj")
+    k = model.get_submodule("base_model.model.layers.0.self_attn.k_proj")
+    with torch.no_grad():
+        for _ in range(2):
+            model(**inputs)
+        close(model(**inputs).logits, want(), 1e-6)
+        k.lora_B["default"].weight.mul_(3.0)  # in place: the prepared B.T of the group is stale
+        close(model(**inputs).logits, want(), 1e-6)
+        q.lora_A["default"].weight.data = q.lora_A["default"].weight.data * 2.0  # a new tensor under the same param
+        close(model(**inputs).logits, want(), 1e-6)
+        model.set_adapter("b")
+        close(model(**inputs).logits, want(), 1e-6)
+        seen = []
+        q.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        close(model(**inputs).logits, want(), 1e-6)
+        assert seen  # a hook added to a base layer runs (that layer leaves the fused route)
+    assert 3 in spy.sizes
