@@ -80,10 +80,10 @@ TABLE: dict[tuple[str, str], LoraKernelChoices] = {
 _OTHER = TABLE[("cuda", "*")]
 
 
-@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's instruction-set flags from ``/proc/cpuinfo`` (x86 ``flags``, ARM ``Features``); empty where
-    there is no such file (then :func:`half_gemm_capability` falls back on torch's dispatch level)."""
+    there is no such file (then :func:`half_gemm_capability` falls back on torch's dispatch level). Not cached:
+    it is read once per (device, dtype) looked up, behind :func:`choices`' cache."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -177,4 +177,3 @@ def reset() -> None:
     """Forget every answer (after changing :data:`ENV`, or in tests that fake another machine)."""
     _CACHE.clear()
     _lookup.cache_clear()
-    cpu_flags.cache_clear()
