@@ -72,7 +72,7 @@ def test_cpu_rows(machine, flags, capability, dtype, kind, fp32_route):
     got = choices(CPU, dtype)
     assert got == TABLE[("cpu", kind)]
     # the sparse-dropout limit and the mixed-batch crossover were measured the same on every CPU tier
-    assert got == LoraKernelChoices(fp32_route, 0.3, 8)
+    assert got == LoraKernelChoices(fp32_route, 0.3, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -103,10 +103,10 @@ def test_environment_override(machine, monkeypatch):
     machine(AVX512 | {"amx_bf16"}, "AVX512")
     monkeypatch.setenv(hardware.ENV, " fp32_route_max_tokens=max, sparse_dropout_max_p=0.5,")
     hardware.reset()
-    assert choices(CPU, torch.bfloat16) == LoraKernelChoices(UNBOUNDED, 0.5, 8)
+    assert choices(CPU, torch.bfloat16) == LoraKernelChoices(UNBOUNDED, 0.5, 16)
     assert choices(torch.device("cuda"), torch.bfloat16) == LoraKernelChoices(UNBOUNDED, 0.5, 16)
     monkeypatch.setenv(hardware.ENV, "per_row_min_tokens=3")
-    assert choices(CPU, torch.bfloat16).per_row_min_tokens == 8  # read once, until reset()
+    assert choices(CPU, torch.bfloat16).per_row_min_tokens == 16  # read once, until reset()
     hardware.reset()
     assert choices(CPU, torch.bfloat16).per_row_min_tokens == 3
 

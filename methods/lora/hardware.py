@@ -57,20 +57,23 @@ class LoraKernelChoices:
 #: (device type, half-GEMM capability) -> choices. The capability is :func:`half_gemm_capability`'s answer for the
 #: activation dtype on a CPU, ``"*"`` on other devices (and for fp32 activations, where no fp32 route applies).
 #: CPU numbers are one-thread CPU times of a 512->1376, r=16 layer (benchmarks/DIAGNOSIS.md); the instruction sets
-#: a machine lacks were measured by capping oneDNN's ISA (``ONEDNN_MAX_CPU_ISA``) on an AMX Xeon.
+#: a machine lacks were measured by capping oneDNN's ISA (``ONEDNN_MAX_CPU_ISA``) on an AMX Xeon. The sparse draw beat
+#: a dense mask up to p ~ 0.4 (fp32 and bf16; it uses no half GEMM, so one limit serves every tier), and a whole
+#: mixed-batch layer (32 rows, 16 adapters) ran faster grouped up to 8-12 tokens per row and per-row from 16 (fp32
+#: and bf16, with AVX-512 and with AVX2 kernels).
 TABLE: dict[tuple[str, str], LoraKernelChoices] = {
     # AMX tiles (bf16 on Sapphire Rapids and later, fp16 on Granite Rapids): fp32 route wins up to 64-128 tokens
-    ("cpu", "AMX"): LoraKernelChoices(64, 0.3, 8),
+    ("cpu", "AMX"): LoraKernelChoices(64, 0.3, 16),
     # AVX512-BF16 / AVX512-FP16 dot products without AMX: the same crossover, 64-128 tokens
-    ("cpu", "AVX512_BF16"): LoraKernelChoices(64, 0.3, 8),
-    ("cpu", "AVX512_FP16"): LoraKernelChoices(64, 0.3, 8),
+    ("cpu", "AVX512_BF16"): LoraKernelChoices(64, 0.3, 16),
+    ("cpu", "AVX512_FP16"): LoraKernelChoices(64, 0.3, 16),
     # AVX-512 without bf16 instructions: oneDNN converts bf16 to fp32 in its kernels; crossover 128-192 tokens
-    ("cpu", "AVX512"): LoraKernelChoices(128, 0.3, 8),
+    ("cpu", "AVX512"): LoraKernelChoices(128, 0.3, 16),
     # no native half GEMM (AVX2, fp16 without AVX512-FP16, an unmeasured ISA): emulated half matmuls are 5-15x
     # slower than the fp32 route at every size measured (1-512 tokens)
-    ("cpu", "NONE"): LoraKernelChoices(UNBOUNDED, 0.3, 8),
+    ("cpu", "NONE"): LoraKernelChoices(UNBOUNDED, 0.3, 16),
     # fp32 activations: no fp32 route to choose
-    ("cpu", "*"): LoraKernelChoices(0, 0.3, 8),
+    ("cpu", "*"): LoraKernelChoices(0, 0.3, 16),
     # CUDA (and ROCm, which is "cuda" to torch): tensor-core half GEMMs, so no fp32 route; dense dropout (the
     # sparse draw loop syncs with the host); the per-row route gathers r * (in + out) weights per row where
     # grouping moves about tokens * (in + out) activations, and bandwidth decides on a GPU: per-row from ~r tokens
