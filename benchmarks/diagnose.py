@@ -1,4 +1,4 @@
-"""``python -m benchmarks.diagnose [--only dropout,nodrop,mixed,set_adapter,profile]``: micro-benchmarks and
+"""``python -m benchmarks.diagnose [--only dropout,nodrop,mixed,set_adapter,kernels,profile]``: micro-benchmarks and
 profiles behind DIAGNOSIS.md, i.e. *why* a target is missed. Not part of the benchmark run.
 
 Every section times alternatives side by side (alternating rounds of ~20 ms samples, 2 threads) on the shapes
@@ -416,9 +416,71 @@ def virtual_tokens_section() -> None:
     table(f"B7 headroom: train step, batch {FULL.batch} x seq {FULL.seq}", fns, rounds=5)
 
 
+def _forced(row: object, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with CPU tensors taking the kernels of a peft_lora.hardware table row."""
+    from peft_lora import hardware
+
+    def run() -> object:
+        saved = dict(hardware._CACHE)
+        hardware._CACHE.update({(torch.device("cpu"), d): row for d in (torch.float32, torch.bfloat16, torch.float16)})
+        try:
+            return fn()
+        finally:
+            hardware._CACHE.clear()
+            hardware._CACHE.update(saved)
+    return run
+
+
+def kernels_section() -> None:
+    """The crossovers behind peft_lora.hardware's CPU rows: the fp32 route against half-precision GEMMs (bf16/fp16
+    activations, fp32 adapters) by tokens, and a whole mixed-batch layer grouped against per-row by tokens per row.
+    Run it again with ``ONEDNN_MAX_CPU_ISA=AVX2`` (or ``AVX512_CORE``, ...) to see a CPU without AMX/bf16 units."""
+    import peft_core
+    from peft_lora import hardware
+    from peft_lora.functional import lora_linear
+    from peft_lora.hardware import UNBOUNDED, LoraKernelChoices
+
+    row = hardware.choices(torch.device("cpu"), torch.bfloat16)
+    print(f"this CPU: bf16 {hardware.half_gemm_capability(torch.bfloat16)}, "
+          f"fp16 {hardware.half_gemm_capability(torch.float16)}, bf16 row {row}")
+    a, b = torch.randn(R, HID) * 0.02, torch.randn(INTER, R) * 0.02
+    for dtype in (torch.bfloat16, torch.float16):
+        for tokens in (1, 64, 128, 512):
+            x, res = torch.randn(tokens, HID).to(dtype), torch.randn(tokens, INTER).to(dtype)
+            with torch.no_grad():
+                table(f"LoRA delta {HID}->{INTER}, {tokens} tokens, {dtype}, fp32 adapters", {
+                    route: _forced(LoraKernelChoices(at, 0.3, 16), lambda x=x, res=res: lora_linear(res, x, a, b, 2.0))
+                    for route, at in (("fp32 route", UNBOUNDED), ("half-precision GEMMs", 0))}, rounds=7)
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(HID, INTER)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = {"target_modules": ["proj"], "r": R, "init_lora_weights": False}
+        model = peft_core.get_peft_model(One().to(dtype), peft_core.LoraConfig(**cfg), adapter_name="a0")
+        for i in range(1, 16):
+            model.add_adapter(f"a{i}", peft_core.LoraConfig(**cfg))
+        layer = next(m for n, m in model.named_modules() if n.endswith("proj"))
+        names = [f"a{i % 16}" for i in range(32)]
+        for tokens in (1, 8, 16, 32):
+            x = torch.randn(32, tokens, HID, dtype=dtype)
+
+            def call(x: torch.Tensor = x, model: torch.nn.Module = model, layer: torch.nn.Module = layer) -> object:
+                with torch.no_grad(), model._runtime.route(names):  # noqa: B023 (names: the same every loop)
+                    return layer(x)
+            table(f"mixed-batch layer {HID}->{INTER}, 32 rows x {tokens} tokens, 16 adapters, {dtype}", {
+                route: _forced(LoraKernelChoices(0, 0.3, at), call)
+                for route, at in (("grouped by adapter", UNBOUNDED), ("per-row gather", 1))}, rounds=7)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="dropout,nodrop,mixed,set_adapter,decode,overhead,virtual,profile")
+    ap.add_argument("--only", default="dropout,nodrop,mixed,set_adapter,decode,overhead,virtual,profile,kernels")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="time with process CPU time (use with --threads 1)")
     args = ap.parse_args()
@@ -444,6 +506,8 @@ def main() -> None:
         decode_section()
     if "overhead" in parts:
         python_overhead_section()
+    if "kernels" in parts:
+        kernels_section()
     if "profile" in parts:
         profile_step(torch.bfloat16, 0.05)
         profile_step(torch.float32, 0.0)

@@ -4,13 +4,14 @@
 
 - no dropout work at all when ``p == 0`` (or in eval: callers pass ``p=0``);
 - the add and the scaling are fused into one ``addmm`` on the output: one output-sized tensor, not three;
-- with dropout, a custom autograd function keeps neither the dropped input nor a full-size mask for
+- with dropout on a CPU, a custom autograd function keeps neither the dropped input nor a full-size mask for
   backward. For the usual rates (``p <= 0.3``) only the ~``p * n`` dropped positions are drawn and saved
   (a dense mask's random numbers are most of its cost on a CPU), so saved activations stay within
-  ``4 * p`` bytes per element of the no-dropout level, below full fine-tuning; larger rates use plain
-  ``F.dropout``;
+  ``4 * p`` bytes per element of the no-dropout level, below full fine-tuning; larger rates, and CUDA
+  (where the draw's host syncs cost more), use plain ``F.dropout`` (``hardware.py`` decides);
 - the maths runs in the activation dtype (adapter weights are cast, not the activations), so a bf16
-  model never makes fp32 copies of its activations;
+  model never makes fp32 copies of its activations, except on ``hardware.py``'s fp32 route (fp32
+  adapters on a CPU whose half-precision GEMMs are slow for that many tokens);
 - under ``torch.autocast`` it runs in the dtype of the base layer's output (autocast's dtype for every
   autocast-eligible base layer: what autocast would do to ``lora_B(lora_A(x))`` as modules, as in Hugging
   Face PEFT), cast once and computed with autocast off, so the in-place add and the custom backward see a
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from peft_core.amp import autocast_dtype, autocast_off, device_function
+
+from .hardware import choices as kernel_choices
 
 __all__ = ["lora_linear", "lora_linear_gated"]
 
@@ -92,15 +95,7 @@ def _sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 _sparse_dropout_lora = device_function("SparseDropoutLora", _sparse_forward, _sparse_backward)
 
 
-#: Dropout rates up to this draw only the dropped positions (measured faster than a dense mask up to
-#: p ~ 0.4 on CPU, fp32 and bf16); above it, plain ``F.dropout`` under autograd.
-_SPARSE_MAX_P = 0.3
-
-
 _HALF = (torch.bfloat16, torch.float16)
-#: Up to this many tokens, half-precision LoRA on a CPU runs in fp32 (measured crossover: 64-128 tokens
-#: for a 512-wide r=16 layer on an AVX-512/AMX Xeon, see benchmarks/diagnose.py).
-_SMALL_CPU_HALF = 64
 
 
 def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -119,11 +114,11 @@ def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
 
 def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  p: float, inplace: bool) -> torch.Tensor:
-    if (p == 0.0 and x.dtype in _HALF and x.device.type == "cpu" and a.dtype == torch.float32
-            and x.numel() <= _SMALL_CPU_HALF * x.shape[-1]):
-        # A few tokens (decoding) in bf16/fp16 on a CPU: half-precision GEMMs this skinny cost ~3x their
-        # fp32 equivalents (fixed kernel overhead), while the fp32 copy of so few rows is free. The result
-        # is rounded to the activation dtype as usual; only the (more precise) route differs.
+    if (p == 0.0 and x.dtype in _HALF and a.dtype == torch.float32
+            and x.numel() <= kernel_choices(x.device, x.dtype).fp32_route_max_tokens * x.shape[-1]):
+        # bf16/fp16 with fp32 adapters where half GEMMs lose (hardware.py's table): a few tokens on a CPU with
+        # native half GEMMs (their fixed overhead), any number where they are emulated. The result is rounded
+        # to the activation dtype as usual; only the (more precise) route differs.
         h = x.reshape(-1, x.shape[-1]).float() @ a.t()
         out = torch.addmm(result.reshape(-1, result.shape[-1]).float(), h, b.t(), alpha=scaling)
         return out.to(x.dtype).view(result.shape)
@@ -133,7 +128,7 @@ def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
     if result.dtype != x.dtype:
         result = result.to(x.dtype)
     if p > 0.0:
-        if p <= _SPARSE_MAX_P:
+        if p <= kernel_choices(x.device, x.dtype).sparse_dropout_max_p:
             return _sparse_dropout_lora(x.device.type).apply(result, x, a, b, scaling, p)
         x = torch.nn.functional.dropout(x, p, True)
     h = x.reshape(-1, x.shape[-1]) @ a.t()

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from peft_core.runtime import Routing
 
+from .hardware import choices as kernel_choices
+
 if TYPE_CHECKING:
     from .layers import LoraLinear
 
@@ -69,12 +71,6 @@ def _groups(routing: Routing, present: tuple[str, ...],
     return found
 
 
-#: From this many tokens per row (prefill), gathering each row's A and B and running one bmm per row
-#: beats grouping rows by adapter (measured: 1.00 vs 2.15 ms per layer at 32 tokens, while grouping
-#: wins at decode, 0.28 vs 0.52 ms).
-_PER_ROW_MIN_TOKENS = 8
-
-
 def _per_row(routing: Routing, present: tuple[str, ...], x: torch.Tensor, a_stack: torch.Tensor,
              b_stack: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """Each row gathers its adapter's slot of the stacks (the last slot is all zeros: ``__base__`` rows
@@ -108,7 +104,9 @@ def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: t
         return result
     a_stack, b_stack = _stacks(layer, present, x.dtype, x.device)
     rows, tokens = x.shape[0], x[0].numel() // x.shape[-1]
-    if tokens >= _PER_ROW_MIN_TOKENS:
+    # from some tokens per row (prefill) gathering each row's A and B beats grouping rows by adapter; where,
+    # depends on the device (hardware.py's table)
+    if tokens >= kernel_choices(x.device, x.dtype).per_row_min_tokens:
         return _per_row(routing, present, x, a_stack, b_stack, result)
     width, gather, slots, dest = _groups(routing, present, x.device)
     grouped = x.reshape(rows, tokens, x.shape[-1]).index_select(0, gather)
