@@ -8,10 +8,12 @@ import copy
 
 import peft_core
 import peft_lora.fused as fused
+import peft_lora.hardware as hardware
 import peft_lora.layers as layers
 import pytest
 import torch
 from conftest import model_inputs, tiny_gpt2, tiny_llama, tiny_t5
+from peft_lora.hardware import UNBOUNDED, LoraKernelChoices
 from torch import nn
 
 
@@ -175,7 +177,10 @@ def test_other_states_match_the_ordinary_route(monkeypatch, case):
         close(grads, grads_o, 1e-5)
 
 
-def test_half_model_with_fp32_adapters_matches_and_fuses(monkeypatch):
+@pytest.mark.parametrize("fp32_route", [64, UNBOUNDED])  # a native-half CPU; one whose half GEMMs are emulated
+def test_half_model_with_fp32_adapters_matches_and_fuses(monkeypatch, fp32_route):
+    for dtype in (torch.float32, torch.bfloat16):  # this machine's table row replaced by the case's
+        monkeypatch.setitem(hardware._CACHE, (torch.device("cpu"), dtype), LoraKernelChoices(fp32_route, 0.3, 16))
     model = lora(tiny_llama().to(torch.bfloat16)).train()  # autocast_adapter_dtype: fp32 adapters
     q = model.get_submodule("base_model.model.layers.0.self_attn.q_proj")
     assert q.lora_A["default"].weight.dtype == torch.float32

@@ -143,6 +143,7 @@ def near(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 FP32_ALWAYS = LoraKernelChoices(UNBOUNDED, 0.3, 8)
 FP32_NEVER = LoraKernelChoices(0, 0.3, 8)
+FP32_UP_TO_1000 = LoraKernelChoices(1000, 0.3, 8)  # a bounded (native-tier) crossover past these sizes
 
 
 def _fp32_route(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
@@ -158,7 +159,7 @@ def test_fp32_route_and_half_route_agree(force, dtype, tokens):
     base = torch.randn(tokens, 32).to(dtype)
     exact = base.double() + 0.5 * (x.double() @ a.detach().double().t()) @ b.detach().double().t()
     outs, grads = {}, {}
-    for name, row in (("fp32", FP32_ALWAYS), ("half", FP32_NEVER)):
+    for name, row in (("fp32", FP32_UP_TO_1000), ("half", FP32_NEVER)):
         force(row)
         xx = x.clone().requires_grad_()
         out = lora_linear(base, xx, a, b, 0.5)
@@ -173,6 +174,20 @@ def test_fp32_route_and_half_route_agree(force, dtype, tokens):
     for u, v in zip(grads["fp32"], grads["half"]):
         assert u.dtype == v.dtype
         near(u, v, dtype)
+
+
+def test_unbounded_fp32_route_is_for_inference_only(force):
+    """Where half GEMMs are emulated (the table's "always"), training keeps the half route: the fp32 one would save
+    an fp32 copy of each adapted layer's input for backward. Inference takes it at any size."""
+    force(FP32_ALWAYS)
+    torch.manual_seed(0)
+    x = torch.randn(300, 64).to(torch.bfloat16)
+    a, b = (torch.randn(8, 64) * 0.2).requires_grad_(), (torch.randn(32, 8) * 0.2).requires_grad_()
+    base = torch.randn(300, 32).to(torch.bfloat16)
+    half = torch.addmm(base, x @ a.detach().bfloat16().t(), b.detach().bfloat16().t(), alpha=0.5)
+    assert torch.equal(lora_linear(base, x, a, b, 0.5), half)
+    with torch.no_grad():
+        assert torch.equal(lora_linear(base, x, a, b, 0.5), _fp32_route(base, x, a, b, 0.5))
 
 
 def test_no_fp32_route_for_half_adapters(force):

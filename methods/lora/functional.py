@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from peft_core.amp import autocast_dtype, autocast_off, device_function
 
+from .hardware import UNBOUNDED
 from .hardware import choices as kernel_choices
 
-__all__ = ["lora_linear", "lora_linear_gated"]
+__all__ = ["fp32_route", "lora_linear", "lora_linear_gated"]
 
 
 def _dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
@@ -98,6 +99,21 @@ _sparse_dropout_lora = device_function("SparseDropoutLora", _sparse_forward, _sp
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def fp32_route(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether half-precision ``x`` with fp32 adapter weights ``a`` runs the LoRA branch in fp32 (``hardware.py``).
+
+    Where the table says "at any size" (half GEMMs emulated), a call that autograd records keeps the half route
+    anyway: the fp32 route would save an fp32 copy of every adapted layer's input for backward, and a bf16 model is
+    trained in bf16 to keep its activations small. Inference, and the few-token sizes of the native tiers, take it.
+    """
+    if x.dtype not in _HALF or a.dtype != torch.float32:
+        return False
+    limit = kernel_choices(x.device, x.dtype).fp32_route_max_tokens
+    if x.numel() > limit * x.shape[-1]:
+        return False
+    return limit != UNBOUNDED or not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad))
+
+
 def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                 p: float = 0.0, inplace: bool = False) -> torch.Tensor:
     """``result + scaling * B(A(dropout_p(x)))`` for linear-like layers (``a``: r x in, ``b``: out x r).
@@ -114,8 +130,7 @@ def lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
 
 def _lora_linear(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  p: float, inplace: bool) -> torch.Tensor:
-    if (p == 0.0 and x.dtype in _HALF and a.dtype == torch.float32
-            and x.numel() <= kernel_choices(x.device, x.dtype).fp32_route_max_tokens * x.shape[-1]):
+    if p == 0.0 and fp32_route(x, a):
         # bf16/fp16 with fp32 adapters where half GEMMs lose (hardware.py's table): a few tokens on a CPU with
         # native half GEMMs (their fixed overhead), any number where they are emulated. The result is rounded
         # to the activation dtype as usual; only the (more precise) route differs.

@@ -29,8 +29,8 @@ group's state may not change in between.
 Which calls take this route (:func:`plan`): a plain ``nn.Linear`` / transformers ``Conv1D`` base whose weights do
 not train and that has no hooks, at most one live adapter without a variant or ``lora_bias``, no dropout while
 training, no autocast, not under ``torch.compile``, and adapter weights in the activation dtype or fp32 adapters on
-a half-precision model (cast as the ordinary route casts them). The few-token fp32 route for half-precision models
-(:func:`peft_lora.functional.lora_linear`) and mixed batches keep their own routes.
+a half-precision model (cast as the ordinary route casts them). The fp32 route for half-precision models
+(:func:`peft_lora.functional.fp32_route`) and mixed batches keep their own routes.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from .functional import fp32_route
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,11 +91,8 @@ def plan(layer: LoraLinear, x: torch.Tensor) -> _Member | None:
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     if a.dtype != x.dtype and not (a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
         return None
-    if a.dtype != x.dtype and x.device.type == "cpu":
-        from .functional import _SMALL_CPU_HALF
-
-        if x.numel() <= _SMALL_CPU_HALF * x.shape[-1]:  # the few-token fp32 route of lora_linear is the faster one
-            return None
+    if a.dtype != x.dtype and fp32_route(x, a):  # lora_linear's fp32 route is the faster one here
+        return None
     return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name])
 
 
