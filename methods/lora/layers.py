@@ -432,7 +432,11 @@ class LoraLinear(ModulePairLayer):
         from .mixed import mixed_linear
 
         result = self.base_layer(x, *args, **kwargs)
-        if not any(n in self.variants or self.lora_bias.get(n) for n in routing.names):
+        # the call's distinct adapters, once per call (every layer asks; decoding is dominated by such work)
+        distinct = routing.cache.get("distinct")
+        if distinct is None:
+            distinct = routing.cache["distinct"] = tuple(dict.fromkeys(routing.names))
+        if not any(n in self.variants or self.lora_bias.get(n) for n in distinct):
             return mixed_linear(self, x, routing, result)
         return self._routed_rows(x, routing, result, self._routed_one)
 

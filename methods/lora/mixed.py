@@ -26,27 +26,29 @@ __all__ = ["mixed_linear"]
 
 def _stacks(layer: LoraLinear, present: tuple[str, ...], dtype: torch.dtype,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A: k+1 x r_max x in, B: k+1 x out x r_max) for the adapters ``present`` and a zero slot, scaling
+    """(A: k+1 x r_max x in, B transposed: k+1 x r_max x out) for the adapters ``present`` and a zero slot, scaling
     folded into B;
     cached until the layer's adapters change (generation) or a weight is written (tensor versions)."""
     cache = layer.__dict__.get("_mixed_cache")
     key = (present, dtype, device, layer._generation)
-    if cache is not None and cache[0] == key and all(p._version == v for p, v in cache[3]):
+    if cache is not None and cache[0] == key and [p._version for p in cache[3]] == cache[4]:
         return cache[1], cache[2]
     rmax = max(layer.r[n] for n in present)
     # one extra all-zero slot at the end, for rows that get no delta (the per-row route)
     a_stack = torch.zeros(len(present) + 1, rmax, layer.in_features, dtype=dtype, device=device)
-    b_stack = torch.zeros(len(present) + 1, layer.out_features, rmax, dtype=dtype, device=device)
+    # B is kept transposed (r_max x out per adapter, contiguous): a batched product with a transposed operand ran
+    # 2.8x slower on CPU (16 adapters, 2 rows each, 16 -> 1376: 56 vs 20 us)
+    bt_stack = torch.zeros(len(present) + 1, rmax, layer.out_features, dtype=dtype, device=device)
     params = []
     with torch.no_grad():
         for i, n in enumerate(present):
             r = layer.r[n]
             a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
             a_stack[i, :r] = a.to(dtype)
-            b_stack[i, :, :r] = b.to(dtype) * layer.scaling[n]
-            params += [(a, a._version), (b, b._version)]
-    layer.__dict__["_mixed_cache"] = (key, a_stack, b_stack, params)
-    return a_stack, b_stack
+            bt_stack[i, :r] = b.t().to(dtype) * layer.scaling[n]
+            params += [a, b]
+    layer.__dict__["_mixed_cache"] = (key, a_stack, bt_stack, params, [p._version for p in params])
+    return a_stack, bt_stack
 
 
 def _groups(routing: Routing, present: tuple[str, ...],
@@ -72,7 +74,7 @@ def _groups(routing: Routing, present: tuple[str, ...],
 
 
 def _per_row(routing: Routing, present: tuple[str, ...], x: torch.Tensor, a_stack: torch.Tensor,
-             b_stack: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+             bt_stack: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """Each row gathers its adapter's slot of the stacks (the last slot is all zeros: ``__base__`` rows
     and adapters this layer lacks), then one bmm pair runs every row."""
     key = ("lora_rows", present, x.device)
@@ -82,7 +84,7 @@ def _per_row(routing: Routing, present: tuple[str, ...], x: torch.Tensor, a_stac
         slot = torch.tensor([index.get(n, len(present)) for n in routing.names], device=x.device)
         routing.cache[key] = slot
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    delta = torch.bmm(torch.bmm(x3, a_stack[slot].transpose(1, 2)), b_stack[slot].transpose(1, 2))
+    delta = torch.bmm(torch.bmm(x3, a_stack[slot].transpose(1, 2)), bt_stack[slot])
     return result + delta.view(result.shape).to(result.dtype)
 
 
@@ -102,17 +104,18 @@ def mixed_linear(layer: LoraLinear, x: torch.Tensor, routing: Routing, result: t
         routing.cache[held_key] = present
     if not present:
         return result
-    a_stack, b_stack = _stacks(layer, present, x.dtype, x.device)
-    rows, tokens = x.shape[0], x[0].numel() // x.shape[-1]
+    a_stack, bt_stack = _stacks(layer, present, x.dtype, x.device)
+    rows = x.shape[0]
+    tokens = x.numel() // (rows * x.shape[-1])
     # from some tokens per row (prefill) gathering each row's A and B beats grouping rows by adapter; where,
     # depends on the device (hardware.py's table)
     if tokens >= kernel_choices(x.device, x.dtype).per_row_min_tokens:
-        return _per_row(routing, present, x, a_stack, b_stack, result)
+        return _per_row(routing, present, x, a_stack, bt_stack, result)
     width, gather, slots, dest = _groups(routing, present, x.device)
     grouped = x.reshape(rows, tokens, x.shape[-1]).index_select(0, gather)
     grouped = grouped.view(len(present), width * tokens, x.shape[-1])
     k = len(present)
-    delta = torch.bmm(torch.bmm(grouped, a_stack[:k].transpose(1, 2)), b_stack[:k].transpose(1, 2))
+    delta = torch.bmm(torch.bmm(grouped, a_stack[:k].transpose(1, 2)), bt_stack[:k])
     delta = delta.view(len(present) * width, tokens, -1).index_select(0, slots)
     out = result.reshape(rows, tokens, -1).index_add(0, dest, delta.to(result.dtype))
     return out.view(result.shape)
