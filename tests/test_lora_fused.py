@@ -304,3 +304,25 @@ def test_inference_program_follows_weight_writes_hooks_and_adapter_switches(monk
         close(model(**inputs).logits, want(), 1e-6)
         assert seen  # a hook added to a base layer runs (that layer leaves the fused route)
     assert 3 in spy.sizes
+
+
+def test_few_token_half_inference_takes_the_fp32_route_fused(monkeypatch):
+    """bf16 model, fp32 adapters, a few tokens: the table's fp32 route, computed for the whole group at once."""
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setitem(hardware._CACHE, (torch.device("cpu"), dtype), LoraKernelChoices(64, 0.3, 16))
+    model = lora(tiny_llama().to(torch.bfloat16))
+    reference = copy.deepcopy(model).float()
+    inputs = model_inputs("llama")  # 2 x 7 tokens
+
+    def run(m: nn.Module) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [m(**inputs).logits for _ in range(3)]
+
+    got, want, spy = both(monkeypatch, model, run)
+    assert 3 in spy.sizes
+    with torch.no_grad():
+        exact = reference(**inputs).logits
+    for g, w in zip(got, want):
+        # the same fp32 sums rounded once to bf16; the stacked A product may round its fp32 sums differently
+        assert (g.float() - w.float()).abs().max() <= 2e-2 * w.float().abs().max()
+        assert (g.float() - exact).abs().max() <= 1.25 * (w.float() - exact).abs().max()

@@ -64,6 +64,7 @@ class _Member(NamedTuple):
     a: torch.Tensor | None
     b: torch.Tensor | None
     scaling: float
+    fp32: bool = False  # inference on lora_linear's fp32 route: the update is computed in fp32, rounded once
 
 
 def _own_output() -> tuple[type, ...]:
@@ -72,8 +73,9 @@ def _own_output() -> tuple[type, ...]:
     return _OWN_OUTPUT
 
 
-def plan(layer: LoraLinear, x: torch.Tensor) -> _Member | None:
-    """What the fused route computes for ``layer`` on ``x``, or None when the call must take the ordinary route."""
+def plan(layer: LoraLinear, x: torch.Tensor, inference: bool = False) -> _Member | None:
+    """What the fused route computes for ``layer`` on ``x``, or None when the call must take the ordinary route.
+    ``inference``: a no-grad call, which may take lora_linear's fp32 route here too."""
     base = layer.base_layer
     if type(base) not in _own_output() or not layer.inplace_output or base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -92,7 +94,7 @@ def plan(layer: LoraLinear, x: torch.Tensor) -> _Member | None:
     if a.dtype != x.dtype and not (a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
         return None
     if a.dtype != x.dtype and fp32_route(x, a):  # lora_linear's fp32 route is the faster one here
-        return None
+        return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name], True) if inference else None
     return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name])
 
 
@@ -216,29 +218,41 @@ class _Program(NamedTuple):
     and casting B cost more than the update's products."""
 
     key: tuple[Any, ...]
-    members: tuple[_Member, ...]
+    members: tuple[_Member, ...] | None  # None: this state takes the ordinary route
+    failed: LoraLinear | None  # then, the first layer whose own plan said so
+    fp32: bool  # the update in fp32 (lora_linear's fp32 route), rounded once into the output
     a_t: torch.Tensor | None  # the stacked A, transposed, in the activation dtype
     steps: tuple[tuple[int, int, torch.Tensor] | None, ...]  # per member: its columns of x @ A.T and its B.T
     sources: tuple[tuple[torch.Tensor, int, int], ...]  # what a_t and the B.T were made from: (tensor, ptr, version)
 
 
 def _state(layers: list[LoraLinear], x: torch.Tensor) -> tuple[Any, ...]:
-    # what plan() reads that can change between calls without touching a tensor; the base layers' hooks are in it
-    # as counts: a hook added later must run
-    return (x.dtype, x.device, x.numel() // x.shape[-1],
-            *[(m._live(), m.training, len(m.base_layer._forward_hooks) + len(m.base_layer._forward_pre_hooks),
-               m.base_layer.weight.requires_grad) for m in layers])
+    """What plan() reads that can change between calls without touching a tensor; the base layers' hooks are in it
+    as counts (a hook added later must run). Written for speed: it runs in every layer of every decoding step."""
+    key: list[Any] = [x.dtype, x.device, x.numel() // x.shape[-1]]
+    for m in layers:
+        base = m._modules["base_layer"]
+        weight = base._parameters.get("weight")
+        key.append((m._generation, m._live(), m.training, len(base._forward_hooks) + len(base._forward_pre_hooks),
+                    weight is None or weight.requires_grad))
+    return tuple(key)
 
 
-def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) -> _Program | None:
+def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) -> _Program:
     plans = []
     for m in layers:
-        p = plan(m, x)
-        if p is None:
-            return None
+        p = plan(m, x, inference=True)
+        if p is None:  # remembered too: a call that must take the ordinary route should learn it once per state
+            return _Program(key, None, m, False, None, (), ())
         plans.append(p)
     members = tuple(plans)
-    a_cat = _stack(x, members)
+    routes = {m.fp32 for m in members if m.a is not None}
+    if len(routes) > 1:  # some adapters on the fp32 route and some not: each takes its own (ordinary) route
+        return _Program(key, None, None, False, None, (), ())
+    fp32 = routes == {True}
+    dtype = torch.float32 if fp32 else x.dtype
+    adapted = [m.a for m in members if m.a is not None]
+    a_cat = (torch.cat(adapted) if len(adapted) > 1 else adapted[0]).to(dtype) if adapted else None
     steps: list[tuple[int, int, torch.Tensor] | None] = []
     offset = 0
     for m in members:
@@ -246,10 +260,11 @@ def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) ->
             steps.append(None)
             continue
         r = m.a.shape[0]
-        steps.append((offset, offset + r, m.b.detach().to(x.dtype).t()))
+        steps.append((offset, offset + r, m.b.detach().to(dtype).t()))
         offset += r
     sources = tuple((t, t.data_ptr(), t._version) for m in members if m.a is not None for t in (m.a, m.b))
-    return _Program(key, members, a_cat.detach().t() if a_cat is not None else None, tuple(steps), sources)
+    return _Program(key, members, None, fp32, a_cat.detach().t() if a_cat is not None else None, tuple(steps),
+                    sources)
 
 
 def _inference(owner: Any, layers: list[LoraLinear], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -257,16 +272,20 @@ def _inference(owner: Any, layers: list[LoraLinear], x: torch.Tensor) -> tuple[t
     key = _state(layers, x)
     prog: _Program | None = owner.__dict__.get("_program")
     if prog is None or prog.key != key or any(t.data_ptr() != p or t._version != v for t, p, v in prog.sources):
-        prog = _prepare(key, layers, x)
-        if prog is None:
-            return None
-        owner.__dict__["_program"] = prog
-    h = x.reshape(-1, x.shape[-1]) @ prog.a_t if prog.a_t is not None else None
+        prog = owner.__dict__["_program"] = _prepare(key, layers, x)
+    if prog.members is None:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    h = (x2.float() if prog.fp32 else x2) @ prog.a_t if prog.a_t is not None else None
     outs = []
     for m, step in zip(prog.members, prog.steps):
         out = _base(x, m)
         if step is not None:
-            out.view(-1, out.shape[-1]).addmm_(h[:, step[0]:step[1]], step[2], alpha=m.scaling)
+            if prog.fp32:  # as lora_linear's fp32 route: base output + update summed in fp32, rounded once
+                out = torch.addmm(out.view(-1, out.shape[-1]).float(), h[:, step[0]:step[1]], step[2],
+                                  alpha=m.scaling).to(x.dtype).view(out.shape)
+            else:
+                out.view(-1, out.shape[-1]).addmm_(h[:, step[0]:step[1]], step[2], alpha=m.scaling)
         outs.append(out)
     return tuple(outs)
 
@@ -382,6 +401,9 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         out = group.forward(layer, x)
         if out is not None:
             return out
+        tried = group.__dict__.get("_program")
+        if tried is not None and tried.failed is layer:  # its own plan refused the group's inference call: alone too
+            return None
     if not torch.is_grad_enabled():
         outs = _inference(layer, [layer], x)
         return outs[0] if outs is not None else None
