@@ -393,9 +393,9 @@ class SiblingGroup:
 
 def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through the fused route, or None when the ordinary route must run (see the module docstring)."""
-    if (_top_hooks(False) is not None or _global_forward_hooks or _global_forward_pre_hooks
-            or torch.is_autocast_enabled(x.device.type)):
-        return None
+    if (layer._runtime.disabled or _top_hooks(False) is not None or _global_forward_hooks
+            or _global_forward_pre_hooks or torch.is_autocast_enabled(x.device.type)):
+        return None  # disabled: the ordinary route is the base layer alone, cheaper than any bookkeeping
     group = layer.__dict__.get("_siblings")
     if group is not None:
         out = group.forward(layer, x)
