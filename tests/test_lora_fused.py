@@ -210,13 +210,18 @@ def test_gradient_checkpointing(monkeypatch, reentrant):
     close(grads, grads_o, 1e-5)
 
 
-def test_a_member_fed_another_input_is_relearned_and_still_correct(monkeypatch):
+def q_and_k() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Two LoRA linear siblings under one parent (candidates of one group), and the model."""
     torch.manual_seed(0)
     parent = nn.Module()
     parent.q, parent.k = nn.Linear(8, 8), nn.Linear(8, 8)
     model = peft_core.get_peft_model(nn.Sequential(parent), peft_core.LoraConfig(
         r=2, target_modules=["q", "k"], init_lora_weights=False))
-    q, k = model.get_submodule("base_model.0.q"), model.get_submodule("base_model.0.k")
+    return model, model.get_submodule("base_model.0.q"), model.get_submodule("base_model.0.k")
+
+
+def test_a_member_fed_another_input_is_relearned_and_still_correct(monkeypatch):
+    model, q, k = q_and_k()
     x, y = torch.randn(3, 8), torch.randn(3, 8)
 
     def want(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
@@ -248,12 +253,7 @@ def test_a_member_fed_another_input_is_relearned_and_still_correct(monkeypatch):
 
 
 def test_an_unused_fused_output_gives_its_adapter_no_gradient(monkeypatch):
-    torch.manual_seed(0)
-    parent = nn.Module()
-    parent.q, parent.k = nn.Linear(8, 8), nn.Linear(8, 8)
-    model = peft_core.get_peft_model(nn.Sequential(parent), peft_core.LoraConfig(
-        r=2, target_modules=["q", "k"], init_lora_weights=False))
-    q, k = model.get_submodule("base_model.0.q"), model.get_submodule("base_model.0.k")
+    model, q, k = q_and_k()
     x = torch.randn(3, 8)
     for _ in range(2):
         q(x), k(x)

@@ -106,20 +106,18 @@ def _base(x: torch.Tensor, m: _Member) -> torch.Tensor:
     return F.linear(x, m.weight, m.bias)
 
 
-def _stack(x: torch.Tensor, members: tuple[_Member, ...]) -> torch.Tensor | None:
-    """The adapted members' A matrices stacked, in the activation dtype."""
+def _stack(members: tuple[_Member, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """The adapted members' A matrices stacked, in ``dtype``."""
     adapted = [m.a for m in members if m.a is not None]
     if not adapted:
         return None
-    return (torch.cat(adapted) if len(adapted) > 1 else adapted[0]).to(x.dtype)
+    return (torch.cat(adapted) if len(adapted) > 1 else adapted[0]).to(dtype)
 
 
-def _compute(x: torch.Tensor, members: tuple[_Member, ...], a_cat: torch.Tensor | None = None
-             ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """Every member's output, with the stacked A (cast to the activation dtype; ``a_cat`` when the caller has it)
-    and the bottleneck ``x @ A.T``."""
-    if a_cat is None:
-        a_cat = _stack(x, members)
+def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None,
+                                                                     torch.Tensor | None]:
+    """Every member's output, with the stacked A (cast to the activation dtype) and the bottleneck ``x @ A.T``."""
+    a_cat = _stack(members, x.dtype)
     h = x.reshape(-1, x.shape[-1]) @ a_cat.t() if a_cat is not None else None
     outs, offset = [], 0
     for m in members:
@@ -251,8 +249,7 @@ def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) ->
         return _Program(key, None, None, False, None, (), ())
     fp32 = routes == {True}
     dtype = torch.float32 if fp32 else x.dtype
-    adapted = [m.a for m in members if m.a is not None]
-    a_cat = (torch.cat(adapted) if len(adapted) > 1 else adapted[0]).to(dtype) if adapted else None
+    a_cat = _stack(members, dtype)
     steps: list[tuple[int, int, torch.Tensor] | None] = []
     offset = 0
     for m in members:
