@@ -18,6 +18,15 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 SST2 = os.path.abspath(os.path.join(SHARED, "data", "sst2"))
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """A test that switches grad mode off globally and then fails must not leave every later test of its worker
+    without autograd (one quicktour failure once turned into six unrelated 'does not require grad' errors)."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build(seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)

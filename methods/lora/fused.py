@@ -7,8 +7,9 @@ input gradients (base and adapter) are summed into a fresh tensor, and each proj
 product that runs far from peak. :class:`FusedLinear` is one autograd function for a group of base layers and
 their adapters that read the same ``x`` (q/k/v of an attention, gate/up of an MLP, or a single layer):
 
-- forward: one ``x @ [A_1; A_2; ...].T`` for the whole group (split after), then per layer the base ``linear`` and
-  its update added into the base output in place;
+- forward: per layer the base ``linear``, its ``x @ A.T`` and the update added into the base output in place (one
+  product per layer on purpose: a GEMM's rounding can depend on its width, and a layer's output must be the same
+  bits whichever siblings it was computed with);
 - backward: the input gradient is accumulated into one buffer (``g_1 @ W_1``, then ``addmm_`` of every other
   layer's ``g_i @ W_i`` and of the adapters' ``gh @ [A_1; A_2; ...]``), the A gradients are one product, and
   nothing output-sized is copied.
@@ -115,19 +116,28 @@ def _stack(members: tuple[_Member, ...], dtype: torch.dtype) -> torch.Tensor | N
 
 
 def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None,
-                                                                     torch.Tensor | None]:
-    """Every member's output, with the stacked A (cast to the activation dtype) and the bottleneck ``x @ A.T``."""
+                                                                     list[torch.Tensor]]:
+    """Every member's output, with the stacked A (cast to the activation dtype) and each adapted member's
+    bottleneck ``x @ A.T``."""
     a_cat = _stack(members, x.dtype)
-    h = x.reshape(-1, x.shape[-1]) @ a_cat.t() if a_cat is not None else None
-    outs, offset = [], 0
+    x2 = x.reshape(-1, x.shape[-1])
+    outs: list[torch.Tensor] = []
+    hs: list[torch.Tensor] = []
+    offset = 0
     for m in members:
         out = _base(x, m)
         if m.a is not None:
             r = m.a.shape[0]
-            out.view(-1, out.shape[-1]).addmm_(h[:, offset:offset + r], m.b.to(x.dtype).t(), alpha=m.scaling)
+            # one product per member, not one x @ [A_1; A_2; ...].T split after: a GEMM's rounding can depend on
+            # its width (AVX-512 kernels round an 8-column product differently from a 24-column one), and a
+            # layer's output must not depend on which siblings it was computed with (the first call of a group
+            # takes the single-layer route); the stacked A still serves the backward's wide products
+            h = x2 @ a_cat[offset:offset + r].t()
+            out.view(-1, out.shape[-1]).addmm_(h, m.b.to(x.dtype).t(), alpha=m.scaling)
+            hs.append(h)
             offset += r
         outs.append(out)
-    return outs, a_cat, h
+    return outs, a_cat, hs
 
 
 _UNUSED = torch.empty(0)  # marks an A whose output got no gradient
@@ -142,15 +152,17 @@ class FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, members: tuple[_Member, ...], x: torch.Tensor, *weights: torch.Tensor) -> tuple[
             torch.Tensor, ...]:
-        outs, a_cat, h = _compute(x, members)
+        outs, a_cat, hs = _compute(x, members)
         ctx.members = members
+        ctx.adapted = len(hs)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, a_cat, h, *weights)
+        ctx.save_for_backward(x, a_cat, *hs, *weights)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, a_cat, h, *weights = ctx.saved_tensors
+        x, a_cat, *saved = ctx.saved_tensors
+        hs, weights = saved[:ctx.adapted], saved[ctx.adapted:]
         members: tuple[_Member, ...] = ctx.members
         need_x = ctx.needs_input_grad[1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -163,7 +175,6 @@ class FusedLinear(torch.autograd.Function):
 
         gh_parts: list[torch.Tensor] = []
         weight_grads: list[torch.Tensor | None] = []
-        offset = 0
         for m, g in zip(members, grads):
             r = m.a.shape[0] if m.a is not None else 0
             g2 = g.reshape(-1, g.shape[-1]) if g is not None else None
@@ -174,15 +185,13 @@ class FusedLinear(torch.autograd.Function):
             if g2 is None:  # this output was not used (taken by no one): no gradient for its adapter
                 gh_parts.append(x2.new_zeros(x2.shape[0], r))
                 weight_grads += [_UNUSED, None]
-                offset += r
                 continue
             b = m.b.to(dtype)
             gh_parts.append((g2 @ b).mul_(m.scaling))
             # (h.T @ g).T, not g.T @ h: the same numbers, and 1.3-1.7x faster on CPU (the long dimension is then the
             # reduction of a well-shaped product); one copy makes it contiguous, in B's dtype
-            gb = (h[:, offset:offset + r].t() @ g2).mul_(m.scaling).t()
+            gb = (hs[len(gh_parts) - 1].t() @ g2).mul_(m.scaling).t()
             weight_grads += [None, gb.to(m.b.dtype, memory_format=torch.contiguous_format)]
-            offset += r
         if gh_parts:
             gh = torch.cat(gh_parts, 1) if len(gh_parts) > 1 else gh_parts[0]
             if need_x:
@@ -219,9 +228,8 @@ class _Program(NamedTuple):
     members: tuple[_Member, ...] | None  # None: this state takes the ordinary route
     failed: LoraLinear | None  # then, the first layer whose own plan said so
     fp32: bool  # the update in fp32 (lora_linear's fp32 route), rounded once into the output
-    a_t: torch.Tensor | None  # the stacked A, transposed, in the activation dtype
-    steps: tuple[tuple[int, int, torch.Tensor] | None, ...]  # per member: its columns of x @ A.T and its B.T
-    sources: tuple[tuple[torch.Tensor, int, int], ...]  # what a_t and the B.T were made from: (tensor, ptr, version)
+    steps: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # per member: its A.T and B.T in the product dtype
+    sources: tuple[tuple[torch.Tensor, int, int], ...]  # what the A.T and B.T were made from: (tensor, ptr, version)
 
 
 def _state(layers: list[LoraLinear], x: torch.Tensor) -> tuple[Any, ...]:
@@ -241,27 +249,18 @@ def _prepare(key: tuple[Any, ...], layers: list[LoraLinear], x: torch.Tensor) ->
     for m in layers:
         p = plan(m, x, inference=True)
         if p is None:  # remembered too: a call that must take the ordinary route should learn it once per state
-            return _Program(key, None, m, False, None, (), ())
+            return _Program(key, None, m, False, (), ())
         plans.append(p)
     members = tuple(plans)
     routes = {m.fp32 for m in members if m.a is not None}
     if len(routes) > 1:  # some adapters on the fp32 route and some not: each takes its own (ordinary) route
-        return _Program(key, None, None, False, None, (), ())
+        return _Program(key, None, None, False, (), ())
     fp32 = routes == {True}
     dtype = torch.float32 if fp32 else x.dtype
-    a_cat = _stack(members, dtype)
-    steps: list[tuple[int, int, torch.Tensor] | None] = []
-    offset = 0
-    for m in members:
-        if m.a is None:
-            steps.append(None)
-            continue
-        r = m.a.shape[0]
-        steps.append((offset, offset + r, m.b.detach().to(dtype).t()))
-        offset += r
+    # per member, not one stacked A: the outputs must not depend on which siblings were computed together (_compute)
+    steps = tuple(None if m.a is None else (m.a.detach().to(dtype).t(), m.b.detach().to(dtype).t()) for m in members)
     sources = tuple((t, t.data_ptr(), t._version) for m in members if m.a is not None for t in (m.a, m.b))
-    return _Program(key, members, None, fp32, a_cat.detach().t() if a_cat is not None else None, tuple(steps),
-                    sources)
+    return _Program(key, members, None, fp32, steps, sources)
 
 
 def _inference(owner: Any, layers: list[LoraLinear], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -273,16 +272,18 @@ def _inference(owner: Any, layers: list[LoraLinear], x: torch.Tensor) -> tuple[t
     if prog.members is None:
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    h = (x2.float() if prog.fp32 else x2) @ prog.a_t if prog.a_t is not None else None
+    if prog.fp32:
+        x2 = x2.float()
     outs = []
     for m, step in zip(prog.members, prog.steps):
         out = _base(x, m)
         if step is not None:
+            h = x2 @ step[0]
             if prog.fp32:  # as lora_linear's fp32 route: base output + update summed in fp32, rounded once
-                out = torch.addmm(out.view(-1, out.shape[-1]).float(), h[:, step[0]:step[1]], step[2],
+                out = torch.addmm(out.view(-1, out.shape[-1]).float(), h, step[1],
                                   alpha=m.scaling).to(x.dtype).view(out.shape)
             else:
-                out.view(-1, out.shape[-1]).addmm_(h[:, step[0]:step[1]], step[2], alpha=m.scaling)
+                out.view(-1, out.shape[-1]).addmm_(h, step[1], alpha=m.scaling)
         outs.append(out)
     return tuple(outs)
 
