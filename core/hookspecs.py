@@ -184,6 +184,8 @@ def inject(model: nn.Module, adapter_name: str, config: PeftConfig, runtime: Ada
     ``requires_grad`` (trainable while the adapter is active, unless ``config.inference_mode``), so plugins
     create parameters and nothing more — like the weights they sit beside (dtype, device; the core applies
     ``autocast_adapter_dtype`` and ``low_cpu_mem_usage``). Works on the ``meta`` device: touch no data.
+    During ``load_adapter`` ``runtime.filling`` is True: the file then gives every tensor the adapter owns, so
+    their random initialisation may be skipped (frozen state the file does not hold must still be made).
 
     Returns (firstresult): the names of the modules adapted, for messages and reports (may be empty for
     methods that change inputs rather than layers, e.g. prompt tuning). Raise

@@ -226,6 +226,11 @@ class AdaptedModel(nn.Module):
                     autocast_adapter_dtype: bool = True) -> None:
         """Inject a new adapter (inactive until ``set_adapter``). All or nothing: if anything fails, the model
         is as it was. ``low_cpu_mem_usage`` and ``autocast_adapter_dtype``: see the class docstring."""
+        self._add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype, None)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool,
+                     autocast_adapter_dtype: bool, snapshot: ModuleSnapshot | None) -> None:
+        """``add_adapter``; ``snapshot``: the caller's, taken just before (load_adapter's), instead of a new one."""
         _check_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; delete_adapter it first or "
@@ -238,7 +243,8 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"{spec.name} does not support task_type={peft_config.task_type.value}; "
                               f"it supports {supported}")
         config = self._complete_config(adapter_name, self._prepare_config(peft_config), spec)
-        snapshot = ModuleSnapshot(self)
+        if snapshot is None:
+            snapshot = ModuleSnapshot(self)
         before = {id(p) for p in self.parameters()}
         modules_before = {id(m) for m in self.modules()}
         self._ownership.freeze_unowned(self._trains)
@@ -630,8 +636,11 @@ class AdaptedModel(nn.Module):
         path = resolve_weights(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
         weights = load_weights(path)
         snapshot = ModuleSnapshot(self)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
-                         autocast_adapter_dtype=autocast_adapter_dtype)
+        self._runtime.filling = True  # the file overwrites every owned tensor next: plugins may skip random init
+        try:
+            self._add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype, snapshot)
+        finally:
+            self._runtime.filling = False
         try:
             self.load_adapter_state_dict(adapter_name, weights, source=str(path))
         except BaseException:

@@ -52,14 +52,18 @@ class AdapterRuntime:
     calls with different ``adapter_names`` in different threads do not see each other's rows.
     """
 
-    __slots__ = ("__weakref__", "_active", "_disabled", "_gate_cache", "_key", "_routed_calls", "_routing", "gates",
-                 "slots")
+    __slots__ = ("__weakref__", "_active", "_disabled", "_gate_cache", "_key", "_routed_calls", "_routing", "filling",
+                 "gates", "slots")
 
     def __init__(self) -> None:
         self._active: tuple[str, ...] = ()
         self._disabled: bool = False
         #: adapter name -> its column in :meth:`gate_rows` (assigned once, by :meth:`slot`, never reused)
         self.slots: dict[str, int] = {}
+        #: True while ``load_adapter`` injects: every tensor the adapter owns is then overwritten from the file right
+        #: after ``inject`` (a file missing one is refused and the model restored), so a plugin may create those
+        #: tensors without their random initialisation (nothing else may depend on the skipped values)
+        self.filling = False
         #: 1.0 at the slot of each active adapter, 0.0 elsewhere and everywhere while disabled: the gates of an
         #: unrouted call, kept in step by the ``active``/``disabled`` setters and updated in place, so a compiled
         #: graph reads the current values without a guard on them (see :meth:`gate_rows`)

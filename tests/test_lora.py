@@ -392,3 +392,45 @@ def test_base_layer_output_seen_by_a_hook_is_not_changed_afterwards():
     out, copy_at_hook = seen[0]
     assert torch.equal(out, copy_at_hook)  # not modified after the hook saw it
     assert torch.equal(model(**x).logits, with_hook)  # in place or not, same result
+
+
+# ---------------------------------------------------------------- loading skips the random init
+def test_uninitialised_linear_is_built_like_nn_linear():
+    from peft_lora.layers import uninitialised_linear
+
+    for bias in (False, True):
+        real = nn.Linear(12, 5, bias=bias, dtype=torch.float64)
+        bare = uninitialised_linear(12, 5, bias, dtype=torch.float64)
+        assert type(bare) is nn.Linear and vars(bare).keys() == vars(real).keys()
+        assert {k: (v.shape, v.dtype, v.requires_grad) for k, v in bare.named_parameters()} == \
+            {k: (v.shape, v.dtype, v.requires_grad) for k, v in real.named_parameters()}
+        assert (bare.in_features, bare.out_features, bare.bias is None) == (12, 5, not bias)
+
+
+def test_loading_draws_no_random_numbers_and_gives_the_files_values(tmp_path):
+    """The file overwrites A and B right after inject, so loading skips their random init (most of the time of
+    loading a small model); the values, the RNG stream and the runtime flag are as if nothing was skipped."""
+    saved = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", init_lora_weights=False, lora_bias=True))
+    saved.save_pretrained(tmp_path)
+    x = model_inputs("llama")
+    want = saved.eval()(**x).logits
+    base = tiny_llama()
+    state = torch.random.get_rng_state()
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(loaded(**x).logits, want)
+    assert loaded._runtime.filling is False
+    # a file that does not fit: refused, the model as it was, and the flag down again
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4))
+    tree = module_tree(model)
+    with pytest.raises(Exception, match="shape"):
+        model.load_adapter(tmp_path, adapter_name="other", config=LoraConfig.from_pretrained(tmp_path).replace(r=4))
+    assert module_tree(model) == tree and model._runtime.filling is False and list(model.peft_config) == ["default"]
+    # get_peft_model still initialises as PEFT does (same seed, same A)
+    torch.manual_seed(0)
+    ours = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"]))
+    a = [p for n, p in ours.named_parameters() if "lora_A" in n]
+    b = [p for n, p in theirs.named_parameters() if "lora_A" in n]
+    assert a and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

@@ -100,12 +100,15 @@ def _keep_off_fast_paths(model: nn.Module, layers: Mapping[str, LoraLayer]) -> N
     """A LoRA layer inside an ``nn.TransformerEncoderLayer`` gets a no-op forward pre-hook: in eval without grad,
     torch runs that block through a fused kernel that reads ``linear1.weight``/``linear2.weight`` (the base
     weights) directly and would skip the adapter silently; the kernel is not used while any submodule has hooks."""
+    # one walk for the blocks' paths (not a get_submodule walk per ancestor of every layer: loading an adapter
+    # spent more here than in creating its layers); "" is the model itself
+    blocks = [name for name, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    if not blocks:
+        return
     for path, layer in layers.items():
         if layer.__dict__.get("_fast_path_guard") is not None:
             continue
-        parts = path.split(".")
-        ancestors = (model.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
-        if any(isinstance(m, nn.TransformerEncoderLayer) for m in ancestors):
+        if any(not b or path.startswith(b + ".") for b in blocks):
             layer.__dict__["_fast_path_guard"] = layer.register_forward_pre_hook(_no_op_pre_hook)
 
 
