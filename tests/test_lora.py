@@ -249,7 +249,7 @@ def test_gradient_checkpointing_trains():
 
 def test_dropout_path_gradients_equal_reference():
     """The sparse dropout route equals dense dropout built from the same dropped positions."""
-    from peft_lora.functional import _dropped_positions, lora_linear
+    from peft_lora.functional import dropped_positions, lora_linear
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -260,7 +260,7 @@ def test_dropout_path_gradients_equal_reference():
     out = lora_linear(base, x, a, b, 0.5, p=0.3)
     torch.manual_seed(123)
     keep = torch.ones(x.numel())
-    keep[_dropped_positions(x.numel(), 0.3, x.device).long()] = 0
+    keep[dropped_positions(x.numel(), 0.3, x.device).long()] = 0
     assert (keep == 0).any() and (keep != 0).any()
     ref = base + 0.5 * ((x * keep.view_as(x) / 0.7) @ a.t()) @ b.t()
     torch.testing.assert_close(out, ref)
@@ -272,13 +272,13 @@ def test_dropout_path_gradients_equal_reference():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def test_dropped_positions_are_bernoulli(p):
+def testdropped_positions_are_bernoulli(p):
     """Geometric gaps give an i.i.d. Bernoulli(p) mask: the rate, and no clumping between neighbours."""
-    from peft_lora.functional import _dropped_positions
+    from peft_lora.functional import dropped_positions
 
     torch.manual_seed(0)
     n = 1_000_000
-    pos = _dropped_positions(n, p, torch.device("cpu")).long()
+    pos = dropped_positions(n, p, torch.device("cpu")).long()
     assert pos.unique().numel() == pos.numel() and int(pos.min()) >= 0 and int(pos.max()) < n
     assert abs(pos.numel() / n - p) < 5 * (p * (1 - p) / n) ** 0.5
     mask = torch.zeros(n, dtype=torch.bool)
@@ -410,7 +410,8 @@ def test_uninitialised_linear_is_built_like_nn_linear():
 def test_loading_draws_no_random_numbers_and_gives_the_files_values(tmp_path):
     """The file overwrites A and B right after inject, so loading skips their random init (most of the time of
     loading a small model); the values, the RNG stream and the runtime flag are as if nothing was skipped."""
-    saved = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", init_lora_weights=False, lora_bias=True))
+    saved = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", init_lora_weights=False,
+                                                    lora_bias=True))
     saved.save_pretrained(tmp_path)
     x = model_inputs("llama")
     want = saved.eval()(**x).logits

@@ -195,6 +195,50 @@ def test_other_states_match_the_ordinary_route(monkeypatch, case):
         close(grads, grads_o, 1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "t5", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_training_fuses_and_draws_the_ordinary_routes_masks(monkeypatch, name, dtype):
+    """With dropout the group still runs as one function, each member drawing its own positions in call order:
+    under the same seed, the masks, losses and gradients are the ordinary route's."""
+    build = {"llama": tiny_llama, "t5": tiny_t5, "gpt2": tiny_gpt2}[name]
+    torch.manual_seed(0)
+    model = lora(build().to(dtype), lora_dropout=0.1).train()
+    # 80 tokens: above every CPU table row's few-token fp32 route (bf16 with fp32 adapters), which stays ordinary
+    inputs = model_inputs(name, batch=4, seq=20)
+    (losses, grads), (losses_o, grads_o), spy = both(monkeypatch, model, lambda m: step(m, inputs))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    close(losses, losses_o, tol)
+    close(grads, grads_o, tol)
+    assert len(grads) == len(grads_o) and spy.sizes  # the fused route ran, with dropout
+    if name != "gpt2":  # GPT-2's q/k/v are one Conv1D
+        assert max(spy.sizes) >= 2
+
+
+def test_a_group_of_dropout_and_plain_members(monkeypatch):
+    """q and v hold adapter "a" (dropout), k adapter "b" (none), both active: one fused call mixes members that
+    read their own dropped input with members that share the wide products."""
+    torch.manual_seed(0)
+    model = peft_core.get_peft_model(tiny_llama(), peft_core.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", peft_core.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"], init_lora_weights=False))
+    model.set_adapter(["default", "b"])
+    model.train()
+    inputs = model_inputs("llama")
+    (losses, grads), (losses_o, grads_o), spy = both(monkeypatch, model, lambda m: step(m, inputs))
+    close(losses, losses_o, 1e-6)
+    close(grads, grads_o, 1e-5)
+    assert 3 in spy.sizes and any(".k_proj.lora_A.b" in n for n in grads)
+
+
+def test_a_dense_dropout_rate_takes_the_ordinary_route(monkeypatch):
+    model = lora(tiny_llama(), lora_dropout=0.5).train()  # above the table's sparse_dropout_max_p (0.3)
+    inputs = model_inputs("llama")
+    step(model, inputs, steps=2)
+    spy = Spy(monkeypatch)
+    step(model, inputs, steps=1)
+    assert spy.sizes == []
+
+
 @pytest.mark.parametrize("fp32_route", [64, UNBOUNDED])  # a native-half CPU; one whose half GEMMs are emulated
 def test_half_model_with_fp32_adapters_matches_and_fuses(monkeypatch, fp32_route):
     for dtype in (torch.float32, torch.bfloat16):  # this machine's table row replaced by the case's

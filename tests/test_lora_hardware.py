@@ -218,7 +218,7 @@ def test_sparse_and_dense_dropout_are_the_same_dropout(force, monkeypatch, dtype
     p = 0.25
     force(LoraKernelChoices(0, 0.3 if route == "sparse" else 0.0, 8))
     if route == "dense":
-        monkeypatch.setattr(functional, "_dropped_positions", lambda *a: pytest.fail("sparse draw on the dense route"))
+        monkeypatch.setattr(functional, "dropped_positions", lambda *a: pytest.fail("sparse draw on the dense route"))
     torch.manual_seed(0)
     x = (torch.rand(6, 7, 64) + 0.5).to(dtype).requires_grad_()  # no zeros: a zero output means dropped
     a = torch.randn(4, 64, dtype=dtype, requires_grad=True)
@@ -270,7 +270,7 @@ def test_per_row_and_grouped_mixed_batches_agree(force, monkeypatch, seq):
 def test_cuda_row_kernels_run_correctly_on_cpu_tensors(force, monkeypatch):
     """What a CUDA device gets (no fp32 route, dense dropout, per-row from 16 tokens) is correct maths anywhere."""
     force(CUDA_ROW)
-    monkeypatch.setattr(functional, "_dropped_positions", lambda *a: pytest.fail("sparse draw on the CUDA row"))
+    monkeypatch.setattr(functional, "dropped_positions", lambda *a: pytest.fail("sparse draw on the CUDA row"))
     torch.manual_seed(0)
     x = torch.randn(2, 64).to(torch.bfloat16)
     a, b, base = torch.randn(8, 64), torch.randn(32, 8), torch.randn(2, 32).to(torch.bfloat16)

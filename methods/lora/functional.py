@@ -29,10 +29,10 @@ from peft_core.amp import autocast_dtype, autocast_off, device_function
 from .hardware import UNBOUNDED
 from .hardware import choices as kernel_choices
 
-__all__ = ["fp32_route", "lora_linear", "lora_linear_gated"]
+__all__ = ["dropped_positions", "fp32_route", "kept", "lora_linear", "lora_linear_gated"]
 
 
-def _dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
+def dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
     """Flat indices of the dropped elements of an ``n``-element Bernoulli(``p``) dropout mask, drawn
     directly: the gaps between successive drops of i.i.d. Bernoulli trials are Geometric(``p``), so this
     draws ~``n * p`` random numbers instead of ``n``. Same distribution as ``F.dropout``'s mask; the
@@ -51,7 +51,7 @@ def _dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
         start = int(positions[-1])
 
 
-def _kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     kept = x2.clone()
     kept.view(-1)[pos] = 0
     return kept
@@ -68,8 +68,8 @@ def _sparse_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Te
     full-size mask or dropped copy of ``x``. The ``1 / (1 - p)`` scale folds into the small matrices.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    positions = _dropped_positions(x2.numel(), p, x.device)
-    h = _kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t()
+    positions = dropped_positions(x2.numel(), p, x.device)
+    h = kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t()
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling)
     ctx.save_for_backward(x, a, b, h, positions)
     ctx.p, ctx.scaling = p, scaling
@@ -83,7 +83,7 @@ def _sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     gb = (g2 @ b).mul_(ctx.scaling / (1.0 - ctx.p))  # bottleneck gradient, with the dropout scale
     grad_b = (g2.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
     pos = positions.long()
-    grad_a = gb.t() @ _kept(x2, pos) if ctx.needs_input_grad[2] else None
+    grad_a = gb.t() @ kept(x2, pos) if ctx.needs_input_grad[2] else None
     grad_x = None
     if ctx.needs_input_grad[1]:
         grad_x = gb @ a

@@ -28,10 +28,11 @@ takes the ordinary route, and the group is re-learned. Nothing here runs while s
 group's state may not change in between.
 
 Which calls take this route (:func:`plan`): a plain ``nn.Linear`` / transformers ``Conv1D`` base whose weights do
-not train and that has no hooks, at most one live adapter without a variant or ``lora_bias``, no dropout while
-training, no autocast, not under ``torch.compile``, and adapter weights in the activation dtype or fp32 adapters on
-a half-precision model (cast as the ordinary route casts them). The fp32 route for half-precision models
-(:func:`peft_lora.functional.fp32_route`) and mixed batches keep their own routes.
+not train and that has no hooks, at most one live adapter without a variant or ``lora_bias``, while training no
+dropout or lora_linear's sparse one (each member draws its own positions, in call order, so the masks are the
+ordinary route's; a dense mask stays there), no autocast, not under ``torch.compile``, and adapter weights in the
+activation dtype or fp32 adapters on a half-precision model (cast as the ordinary route casts them). The fp32 route
+for half-precision models (:func:`peft_lora.functional.fp32_route`) and mixed batches keep their own routes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from . import functional
 from .functional import fp32_route
+from .hardware import choices as kernel_choices
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,6 +69,7 @@ class _Member(NamedTuple):
     b: torch.Tensor | None
     scaling: float
     fp32: bool = False  # inference on lora_linear's fp32 route: the update is computed in fp32, rounded once
+    p: float = 0.0  # training with lora_linear's sparse dropout: its own positions drawn for this member
 
 
 def _own_output() -> tuple[type, ...]:
@@ -89,14 +93,19 @@ def plan(layer: LoraLinear, x: torch.Tensor, inference: bool = False) -> _Member
     if len(names) > 1:
         return None
     name = names[0]
-    if name in layer.variants or layer.lora_bias[name] or (layer.training and layer.dropout_p[name] > 0.0):
+    if name in layer.variants or layer.lora_bias[name]:
+        return None
+    p = layer.dropout_p[name] if layer.training else 0.0
+    # dropout: only lora_linear's sparse draw is done here (a dense mask, CUDA's, stays on the ordinary route), and
+    # not in an inference program, which is cached across calls (each call must draw afresh)
+    if p > 0.0 and (inference or p > kernel_choices(x.device, x.dtype).sparse_dropout_max_p):
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     if a.dtype != x.dtype and not (a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
         return None
     if a.dtype != x.dtype and fp32_route(x, a):  # lora_linear's fp32 route is the faster one here
         return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name], True) if inference else None
-    return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name])
+    return _Member(weight, bias, layer.transposed, a, b, layer.scaling[name], False, p)
 
 
 def _base(x: torch.Tensor, m: _Member) -> torch.Tensor:
@@ -116,28 +125,35 @@ def _stack(members: tuple[_Member, ...], dtype: torch.dtype) -> torch.Tensor | N
 
 
 def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None,
-                                                                     list[torch.Tensor]]:
-    """Every member's output, with the stacked A (cast to the activation dtype) and each adapted member's
-    bottleneck ``x @ A.T``."""
+                                                                     list[torch.Tensor], list[torch.Tensor]]:
+    """Every member's output, with the stacked A (cast to the activation dtype), each adapted member's bottleneck
+    ``x @ A.T`` (of the dropped input where it has dropout), and each dropout member's dropped positions."""
     a_cat = _stack(members, x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     outs: list[torch.Tensor] = []
     hs: list[torch.Tensor] = []
+    drops: list[torch.Tensor] = []
     offset = 0
     for m in members:
         out = _base(x, m)
         if m.a is not None:
             r = m.a.shape[0]
+            a = a_cat[offset:offset + r]
             # one product per member, not one x @ [A_1; A_2; ...].T split after: a GEMM's rounding can depend on
             # its width (AVX-512 kernels round an 8-column product differently from a 24-column one), and a
             # layer's output must not depend on which siblings it was computed with (the first call of a group
             # takes the single-layer route); the stacked A still serves the backward's wide products
-            h = x2 @ a_cat[offset:offset + r].t()
+            if m.p:  # lora_linear's sparse dropout, drawn in member (= call) order as the ordinary route draws
+                positions = functional.dropped_positions(x2.numel(), m.p, x.device)
+                h = functional.kept(x2, positions.long()) @ (a * (1.0 / (1.0 - m.p))).t()
+                drops.append(positions)
+            else:
+                h = x2 @ a.t()
             out.view(-1, out.shape[-1]).addmm_(h, m.b.to(x.dtype).t(), alpha=m.scaling)
             hs.append(h)
             offset += r
         outs.append(out)
-    return outs, a_cat, hs
+    return outs, a_cat, hs, drops
 
 
 _UNUSED = torch.empty(0)  # marks an A whose output got no gradient
@@ -152,17 +168,18 @@ class FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, members: tuple[_Member, ...], x: torch.Tensor, *weights: torch.Tensor) -> tuple[
             torch.Tensor, ...]:
-        outs, a_cat, hs = _compute(x, members)
+        outs, a_cat, hs, drops = _compute(x, members)
         ctx.members = members
-        ctx.adapted = len(hs)
+        ctx.adapted, ctx.dropped = len(hs), len(drops)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, a_cat, *hs, *weights)
+        ctx.save_for_backward(x, a_cat, *hs, *drops, *weights)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x, a_cat, *saved = ctx.saved_tensors
-        hs, weights = saved[:ctx.adapted], saved[ctx.adapted:]
+        hs, drops = saved[:ctx.adapted], saved[ctx.adapted:ctx.adapted + ctx.dropped]
+        weights = saved[ctx.adapted + ctx.dropped:]
         members: tuple[_Member, ...] = ctx.members
         need_x = ctx.needs_input_grad[1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -173,38 +190,57 @@ class FusedLinear(torch.autograd.Function):
             nonlocal gx
             gx = g @ w if gx is None else gx.addmm_(g, w)
 
+        # members without dropout share the wide products: gx += [gh_1 gh_2 ...] @ [A_1; A_2; ...] and one
+        # [gh_1 gh_2 ...].T @ x for their A gradients; a dropout member's input differs (its own dropped copy)
         gh_parts: list[torch.Tensor] = []
+        wide: list[tuple[int, int, int]] = []  # (slot of its A gradient, first row in a_cat, r)
         weight_grads: list[torch.Tensor | None] = []
+        row = 0
+        adapted = dropped = 0
         for m, g in zip(members, grads):
-            r = m.a.shape[0] if m.a is not None else 0
             g2 = g.reshape(-1, g.shape[-1]) if g is not None else None
             if g2 is not None and need_x:
                 add_x(g2, m.weight.t() if m.transposed else m.weight)
             if m.a is None:
                 continue
+            r = m.a.shape[0]
+            h = hs[adapted]
+            adapted += 1
+            first, row = row, row + r
+            pos = drops[dropped].long() if m.p else None
+            dropped += 1 if m.p else 0
             if g2 is None:  # this output was not used (taken by no one): no gradient for its adapter
-                gh_parts.append(x2.new_zeros(x2.shape[0], r))
-                weight_grads += [_UNUSED, None]
+                weight_grads += [None, None]
                 continue
             b = m.b.to(dtype)
-            gh_parts.append((g2 @ b).mul_(m.scaling))
             # (h.T @ g).T, not g.T @ h: the same numbers, and 1.3-1.7x faster on CPU (the long dimension is then the
             # reduction of a well-shaped product); one copy makes it contiguous, in B's dtype
-            gb = (hs[len(gh_parts) - 1].t() @ g2).mul_(m.scaling).t()
-            weight_grads += [None, gb.to(m.b.dtype, memory_format=torch.contiguous_format)]
+            gb = (h.t() @ g2).mul_(m.scaling).t().to(m.b.dtype, memory_format=torch.contiguous_format)
+            if pos is None:
+                wide.append((len(weight_grads), first, r))
+                gh_parts.append((g2 @ b).mul_(m.scaling))
+                weight_grads += [None, gb]
+                continue
+            # as lora_linear's sparse dropout backward: the bottleneck gradient carries the 1 / (1 - p) scale, A's
+            # gradient reads the dropped input (rebuilt from the positions), the input gradient is zero where dropped
+            gd = (g2 @ b).mul_(m.scaling / (1.0 - m.p))
+            ga = gd.t() @ functional.kept(x2, pos)
+            if need_x:
+                part = gd @ a_cat[first:first + r]
+                part.view(-1)[pos] = 0
+                gx = part if gx is None else gx.add_(part)
+            weight_grads += [ga.to(m.a.dtype), gb]
         if gh_parts:
             gh = torch.cat(gh_parts, 1) if len(gh_parts) > 1 else gh_parts[0]
+            # a_cat itself unless some adapted member is not in the wide part (dropout, or an unused output)
+            a_wide = a_cat if len(wide) == ctx.adapted else torch.cat([a_cat[f:f + r] for _, f, r in wide])
             if need_x:
-                add_x(gh, a_cat)
-            ga = gh.t() @ x2
-            row = 0
-            for i in range(0, len(weight_grads), 2):
-                r = weights[i].shape[0]
-                if weight_grads[i] is None:
-                    weight_grads[i] = ga[row:row + r].to(weights[i].dtype)
-                elif weight_grads[i] is _UNUSED:
-                    weight_grads[i] = None
-                row += r
+                add_x(gh, a_wide)
+            ga_all = gh.t() @ x2
+            offset = 0
+            for slot, _, r in wide:
+                weight_grads[slot] = ga_all[offset:offset + r].to(weights[slot].dtype)
+                offset += r
         if gx is not None:
             gx = gx.view(x.shape)
         wanted = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(weight_grads)]
