@@ -284,11 +284,9 @@ def test_a_file_much_larger_than_its_header_is_refused_without_reading_it(files,
     monkeypatch.setattr(Path, "read_bytes", lambda self: read_whole.append(self) or real(self))
     STATS["files_tried"] += 1
     try:
-        start = time.perf_counter()
         with pytest.raises(CheckpointError, match="header describes") as info:
             PeftModel.from_pretrained(files.base, files.st_dir)
-        assert time.perf_counter() - start < 10
-        assert path not in read_whole
+        assert path not in read_whole  # behaviour, not a wall-clock bound: the file was never read whole
         check_error(info.value, "file padded to 4 GiB")
         assert unchanged(files.base, files.before)
     finally:
