@@ -195,9 +195,13 @@ def test_files_both_ways_after_pruning(name, tmp_path):
     assert ca["rank_pattern"] == cb["rank_pattern"]
     in_peft = peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours")
     in_ours = PeftModel.from_pretrained(MODELS[name](), tmp_path / "theirs")
-    assert _diff(_logits(in_peft, x), expected) <= 1e-4
-    assert _diff(_logits(in_ours, x), expected) <= 1e-4
-    assert _diff(_logits(in_ours, x), _logits(in_peft, x)) <= TOL
+    # the oracle for a reloaded adapter is PEFT reading its own file: a model reloaded at the kept ranks is not the
+    # bits of the in-memory one at init_r with zeroed ranks (T5 amplifies the rounding: 2.9e-4 with 2 threads on an
+    # AVX-512 EPYC, for PEFT alone as for us), so each cross-load is compared with that, tightly
+    reference = _logits(peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "theirs"), x)
+    assert _diff(_logits(in_peft, x), reference) <= TOL
+    assert _diff(_logits(in_ours, x), reference) <= TOL
+    assert _diff(reference, expected) <= 1e-3
     # and ours reloads its own file: the layers come back at the kept ranks, then save the same tensors again
     again = PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours")
     again.save_pretrained(tmp_path / "again")

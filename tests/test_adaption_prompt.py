@@ -256,8 +256,11 @@ def test_mixed_batch_rows_equal_single_adapter_runs():
         other = model(input_ids=IDS).logits
         with model.disable_adapter():
             base = model(input_ids=IDS).logits
-    assert max_diff(mixed[0], other[0]) <= 1e-6
-    assert max_diff(mixed[1], base[1]) <= 1e-6
+    # a row of a 2-row batch against a 1-row run: multi-threaded GEMMs block the two shapes differently (1.7e-6
+    # with 2 threads on an AVX-512 EPYC); the wrong adapter would be off by the adapter's whole effect
+    assert max_diff(other[0], base[0]) > 1e-2
+    assert max_diff(mixed[0], other[0]) <= 1e-5
+    assert max_diff(mixed[1], base[1]) <= 1e-5
 
 
 # ---------------------------------------------------------------- disable, dtypes
