@@ -29,7 +29,8 @@ from peft_core.amp import autocast_dtype, autocast_off, device_function
 from .hardware import UNBOUNDED
 from .hardware import choices as kernel_choices
 
-__all__ = ["dropped_positions", "fp32_route", "kept", "lora_linear", "lora_linear_gated"]
+__all__ = ["dropped_backward", "dropped_bottleneck", "dropped_positions", "fp32_route", "lora_linear",
+           "lora_linear_gated"]
 
 
 def dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
@@ -51,10 +52,31 @@ def dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
         start = int(positions[-1])
 
 
-def kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _kept(x2: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     kept = x2.clone()
     kept.view(-1)[pos] = 0
     return kept
+
+
+def dropped_bottleneck(x2: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dropout_p(x2) @ A.T`` with the ``1 / (1 - p)`` scale folded into ``A``, and the dropped positions (all that
+    backward keeps). The sparse kernel's forward; the fused route (``fused.py``) calls it too, so both draw and
+    compute the same."""
+    positions = dropped_positions(x2.numel(), p, x2.device)
+    return _kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t(), positions
+
+
+def dropped_backward(x2: torch.Tensor, g2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float,
+                     pos: torch.Tensor, need_a: bool, need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of A and of ``x2`` (flat, zero where dropped) for :func:`dropped_bottleneck`'s update
+    ``scaling * h @ B.T``, given the output gradient ``g2`` and the positions as int64."""
+    gd = (g2 @ b).mul_(scaling / (1.0 - p))  # bottleneck gradient, with the dropout scale
+    grad_a = gd.t() @ _kept(x2, pos) if need_a else None
+    grad_x = None
+    if need_x:
+        grad_x = gd @ a
+        grad_x.view(-1)[pos] = 0
+    return grad_a, grad_x
 
 
 def _sparse_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -68,8 +90,7 @@ def _sparse_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Te
     full-size mask or dropped copy of ``x``. The ``1 / (1 - p)`` scale folds into the small matrices.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    positions = dropped_positions(x2.numel(), p, x.device)
-    h = kept(x2, positions.long()) @ (a * (1.0 / (1.0 - p))).t()
+    h, positions = dropped_bottleneck(x2, a, p)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scaling)
     ctx.save_for_backward(x, a, b, h, positions)
     ctx.p, ctx.scaling = p, scaling
@@ -80,14 +101,10 @@ def _sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     x, a, b, h, positions = ctx.saved_tensors
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad.reshape(-1, grad.shape[-1]).to(b.dtype)
-    gb = (g2 @ b).mul_(ctx.scaling / (1.0 - ctx.p))  # bottleneck gradient, with the dropout scale
     grad_b = (g2.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
-    pos = positions.long()
-    grad_a = gb.t() @ kept(x2, pos) if ctx.needs_input_grad[2] else None
-    grad_x = None
-    if ctx.needs_input_grad[1]:
-        grad_x = gb @ a
-        grad_x.view(-1)[pos] = 0
+    grad_a, grad_x = dropped_backward(x2, g2, a, b, ctx.scaling, ctx.p, positions.long(), ctx.needs_input_grad[2],
+                                      ctx.needs_input_grad[1])
+    if grad_x is not None:
         grad_x = grad_x.view(x.shape)
     return grad, grad_x, grad_a, grad_b, None, None
 

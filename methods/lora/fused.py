@@ -144,8 +144,7 @@ def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.
             # layer's output must not depend on which siblings it was computed with (the first call of a group
             # takes the single-layer route); the stacked A still serves the backward's wide products
             if m.p:  # lora_linear's sparse dropout, drawn in member (= call) order as the ordinary route draws
-                positions = functional.dropped_positions(x2.numel(), m.p, x.device)
-                h = functional.kept(x2, positions.long()) @ (a * (1.0 / (1.0 - m.p))).t()
+                h, positions = functional.dropped_bottleneck(x2, a, m.p)
                 drops.append(positions)
             else:
                 h = x2 @ a.t()
@@ -154,9 +153,6 @@ def _compute(x: torch.Tensor, members: tuple[_Member, ...]) -> tuple[list[torch.
             offset += r
         outs.append(out)
     return outs, a_cat, hs, drops
-
-
-_UNUSED = torch.empty(0)  # marks an A whose output got no gradient
 
 
 class FusedLinear(torch.autograd.Function):
@@ -221,15 +217,12 @@ class FusedLinear(torch.autograd.Function):
                 gh_parts.append((g2 @ b).mul_(m.scaling))
                 weight_grads += [None, gb]
                 continue
-            # as lora_linear's sparse dropout backward: the bottleneck gradient carries the 1 / (1 - p) scale, A's
-            # gradient reads the dropped input (rebuilt from the positions), the input gradient is zero where dropped
-            gd = (g2 @ b).mul_(m.scaling / (1.0 - m.p))
-            ga = gd.t() @ functional.kept(x2, pos)
-            if need_x:
-                part = gd @ a_cat[first:first + r]
-                part.view(-1)[pos] = 0
+            # lora_linear's sparse dropout backward: its own input gradient (zero where dropped) is added after
+            ga, part = functional.dropped_backward(x2, g2, a_cat[first:first + r], b, m.scaling, m.p, pos,
+                                                   ctx.needs_input_grad[2 + len(weight_grads)], need_x)
+            if part is not None:
                 gx = part if gx is None else gx.add_(part)
-            weight_grads += [ga.to(m.a.dtype), gb]
+            weight_grads += [ga.to(m.a.dtype) if ga is not None else None, gb]
         if gh_parts:
             gh = torch.cat(gh_parts, 1) if len(gh_parts) > 1 else gh_parts[0]
             # a_cat itself unless some adapted member is not in the wide part (dropout, or an unused output)
