@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from conftest import MODELS, clone_state, copy_adapter_weights, model_inputs, module_tree, state_equal, tiny_llama
-from peft_core import AdapterError, LoraConfig, MergeError, PeftModel, TargetError, get_peft_model
+from peft_core import AdapterError, CheckpointError, LoraConfig, MergeError, PeftModel, TargetError, get_peft_model
 from peft_core.registry import get_registry
 from torch import nn
 
@@ -272,7 +272,7 @@ def test_dropout_path_gradients_equal_reference():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def testdropped_positions_are_bernoulli(p):
+def test_dropped_positions_are_bernoulli(p):
     """Geometric gaps give an i.i.d. Bernoulli(p) mask: the rate, and no clumping between neighbours."""
     from peft_lora.functional import dropped_positions
 
@@ -424,7 +424,7 @@ def test_loading_draws_no_random_numbers_and_gives_the_files_values(tmp_path):
     # a file that does not fit: refused, the model as it was, and the flag down again
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4))
     tree = module_tree(model)
-    with pytest.raises(Exception, match="shape"):
+    with pytest.raises(CheckpointError, match="shape"):
         model.load_adapter(tmp_path, adapter_name="other", config=LoraConfig.from_pretrained(tmp_path).replace(r=4))
     assert module_tree(model) == tree and model._runtime.filling is False and list(model.peft_config) == ["default"]
     # get_peft_model still initialises as PEFT does (same seed, same A)

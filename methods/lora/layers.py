@@ -179,7 +179,7 @@ class LoraLayer(nn.Module):
         if variant is not None and "init_lora_weights" in getattr(variant, "claims", ()):
             init = False  # the variant initialises A and B itself (MiCA), from the factories' own draws as in PEFT
         # loading: the file gives A and B right after (the core refuses a file missing one), so LoraLinear skips
-        # the draws it would throw away (11% of loading a small model); a variant or a data-dependent init may
+        # the init it would throw away (about 5 of B5's 22 ms per load); a variant or a data-dependent init may
         # read them, so those still initialise
         self._fill = self._runtime.filling and variant is None and (init is True or init is False or init == "gaussian")
         try:
